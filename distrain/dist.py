@@ -1,0 +1,108 @@
+"""Process group set-up and the few collectives the trainer needs.
+
+Every helper works, as a no-op, when no process group exists, so one code path
+serves a single process and N processes.
+"""
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+from .cluster import ClusterEnv
+
+
+def choose_backend(requested: str, strategy: str, cuda: bool) -> str:
+    if requested != "auto":
+        return requested
+    return "nccl" if cuda and strategy not in ("single", "dp") else "gloo"
+
+
+def choose_device(env: ClusterEnv, requested: str, strategy: str) -> torch.device:
+    use_cuda = torch.cuda.is_available() if requested == "auto" else requested == "cuda"
+    if not use_cuda:
+        return torch.device("cpu")
+    if strategy == "dp":  # DataParallel scatters from the first visible GPU
+        return torch.device("cuda:0")
+    return torch.device("cuda", env.local_rank)
+
+
+def init(env: ClusterEnv, backend: str, device: torch.device, timeout_s: int, needs_group: bool = False) -> None:
+    """Join the job's process group; a lone process gets a group of one when its strategy needs one."""
+    if not (env.distributed or needs_group) or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if env.kind == "torchrun":
+        init_method = "env://"
+    elif env.kind == "slurm":
+        init_method = f"tcp://{env.master_addr}:{env.master_port}"
+    else:
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+    dist.init_process_group(
+        backend=backend,
+        init_method=init_method,
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device if backend == "nccl" else None,
+    )
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if active():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

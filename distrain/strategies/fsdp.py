@@ -1,0 +1,68 @@
+"""FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over ranks.
+Checkpoints are sharded DCP directories, which reshard on load to any world size."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from . import common
+
+
+def shard_units(module: nn.Module) -> list[nn.Module]:
+    """Sub-modules sharded on their own so their all-gathers overlap compute: transformer
+    blocks, ResNet stages; the root takes the rest."""
+    if isinstance(getattr(module, "blocks", None), nn.ModuleList):
+        return list(module.blocks)
+    return [getattr(module, f"layer{i}") for i in range(1, 5) if hasattr(module, f"layer{i}")]
+
+
+class Fsdp:
+    name = "fsdp"
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def setup(self, module, make_optimizer) -> None:
+        module.to(self.ctx.device)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if self.ctx.precision == "bf16" else MixedPrecisionPolicy()
+        for unit in shard_units(module):
+            fully_shard(unit, mp_policy=mp)
+        fully_shard(module, mp_policy=mp)
+        self.module = module
+        self.model = common.maybe_compile(module, self.ctx.compile)
+        self.optimizer = make_optimizer(module.parameters())
+
+    def sync(self, enabled: bool):
+        # accumulation micro-steps skip the reduce-scatter; the last one does it
+        self.module.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+
+    def autocast(self):
+        return contextlib.nullcontext()  # the mixed-precision policy casts parameters itself
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def step(self, grad_clip):
+        return common.optimizer_step(self.optimizer, self.module.parameters(), grad_clip)
+
+    def full_model_state(self) -> dict:
+        """The unsharded state on rank 0 (others get an empty dict); every rank must call it."""
+        return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save(self, path) -> None:
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / "dcp"))
+
+    def load(self, path) -> None:
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

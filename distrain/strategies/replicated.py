@@ -1,0 +1,67 @@
+"""Strategies that keep a full model replica per process: `single`, `dp`
+(nn.DataParallel) and `ddp`. They differ only in how the module is wrapped, so one
+class takes the wrapping as a function instead of three classes copying each other."""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import common
+
+log = logging.getLogger("distrain")
+
+
+def no_wrap(module, ctx):
+    return module
+
+
+def data_parallel(module, ctx):
+    if ctx.device.type == "cuda" and torch.cuda.device_count() > 1:
+        return nn.DataParallel(module)
+    log.warning("strategy dp: fewer than 2 GPUs visible, running as a single process on %s", ctx.device)
+    return module
+
+
+def ddp(module, ctx):
+    return DistributedDataParallel(module, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+
+
+class Replicated:
+    def __init__(self, ctx, wrap):
+        self.ctx, self.wrap = ctx, wrap
+        self.scaler = common.grad_scaler(ctx.device, ctx.precision)
+
+    def setup(self, module, make_optimizer) -> None:
+        self.module = module.to(self.ctx.device)
+        self.wrapped = self.wrap(self.module, self.ctx)
+        self.model = common.maybe_compile(self.wrapped, self.ctx.compile)
+        self.optimizer = make_optimizer(self.module.parameters())
+
+    def sync(self, enabled: bool):
+        # DDP: accumulation micro-steps keep gradients local; only the last one all-reduces
+        if enabled or not isinstance(self.wrapped, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.wrapped.no_sync()
+
+    def autocast(self):
+        return common.autocast(self.ctx.device, self.ctx.precision)
+
+    def backward(self, loss) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, grad_clip):
+        return common.optimizer_step(self.optimizer, self.module.parameters(), grad_clip, self.scaler)
+
+    def full_model_state(self) -> dict:
+        return self.module.state_dict()
+
+    def save(self, path) -> None:
+        if self.ctx.env.is_main:  # replicas are identical: one writer
+            common.save_full(path, self.module, self.optimizer, self.scaler)
+
+    def load(self, path) -> None:
+        common.load_full(path, self.module, self.optimizer, self.scaler, self.ctx.device)

@@ -1,0 +1,132 @@
+"""`python -m distrain.train --config FILE [key=value ...]`: parse -> config -> cluster -> build -> fit.
+
+Exit codes: 0 done; 2 bad config or usage (one line on stderr); 1 a failure during
+training (traceback in the rank's log); PREEMPTED_EXIT_CODE after a preemption
+checkpoint, asking the scheduler to requeue.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import traceback
+
+PREEMPTED_EXIT_CODE = 3  # checkpointed after a preemption signal: requeue me
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="distrain train", description="Train a model with distrain.")
+    p.add_argument("--config", "-c", help="YAML config file")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, values parsed as YAML")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from .cluster import detect
+    from .config import ConfigError, load_config, to_yaml
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    env = detect()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        return run(cfg, env)
+    except ConfigError as e:
+        if env.is_main:
+            print(f"distrain: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(cfg, env) -> int:
+    import torch
+
+    from . import dist
+    from .checkpoint import Checkpointer
+    from .config import ConfigError, batch_layout, to_yaml
+    from .data import build_datasets
+    from .log import MetricsWriter, close_logging, setup_logging
+    from .models import build_model
+    from .optim import build_optimizer
+    from .strategies import StrategyContext, build_strategy
+    from .trainer import Trainer
+
+    micro, accumulation = batch_layout(cfg, env.world_size)
+    device = dist.choose_device(env, cfg.train.device, cfg.strategy.name)
+    backend = dist.choose_backend(cfg.strategy.backend, cfg.strategy.name, device.type == "cuda")
+    _check_hardware(cfg, env, device, backend)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    train_set, eval_set, meta = build_datasets(cfg.data)
+    module = build_model(cfg.model, {k: v for k, v in meta.items() if k != "task"}, cfg.train.activation_checkpointing)
+    checkpointer = Checkpointer(cfg, env)
+    checkpointer.check_run_dir()  # before any process waits on another: a refusal is a config error
+
+    dist.init(env, backend, device, cfg.strategy.timeout_s, needs_group=cfg.strategy.name in ("ddp", "fsdp", "deepspeed"))
+    run_dir = cfg.run_dir
+    log = setup_logging(run_dir, env.rank, env.world_size, cfg.log.level)
+    metrics = None
+    try:
+        if env.is_main:
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        log.info("distrain: %s on %d process(es), %s/%s, micro batch %d x %d accumulation, run dir %s",
+                 cfg.strategy.name, env.world_size, device, backend if env.distributed else "-", micro,
+                 accumulation, run_dir)
+        _seed_everything(cfg.run.seed + env.rank)
+        ctx = StrategyContext(cfg, env, device, backend, micro, accumulation)
+        strategy = build_strategy(ctx)
+        strategy.setup(module, lambda params: build_optimizer(cfg.optim, params))
+        comm_device = device if backend == "nccl" else torch.device("cpu")
+        metrics = MetricsWriter(run_dir, env.is_main, cfg.log.tensorboard)
+        trainer = Trainer(cfg, strategy, train_set, eval_set, meta, micro_batch=micro, device=device,
+                          comm_device=comm_device, metrics=metrics, checkpointer=checkpointer)
+        summary = trainer.fit()
+        checkpointer.export_final(strategy)
+        log.info("done: %d steps in %.1f s; final eval %s; model %s", summary["steps"], summary["wall_s"],
+                 summary["eval"], run_dir / "final" / "model.pt")
+        return 0
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure becomes exit 1 with the traceback in the log
+        log.debug("%s", traceback.format_exc())
+        logging.getLogger("distrain").error("training failed on rank %d: %s: %s (traceback in %s)", env.rank,
+                                            type(e).__name__, e, run_dir / "logs" / f"rank{env.rank}.log")
+        return 1
+    finally:
+        if metrics is not None:
+            metrics.close()
+        dist.shutdown()
+        close_logging()
+
+
+def _check_hardware(cfg, env, device, backend) -> None:
+    import torch
+
+    from .config import ConfigError
+
+    if cfg.train.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision", "fp16 needs a CUDA device; use bf16 on CPU")
+    if cfg.train.precision == "fp16" and cfg.strategy.name == "fsdp":
+        raise ConfigError("train.precision", "fp16 is not supported with fsdp; use bf16")
+    if cfg.strategy.name in ("single", "dp") and env.world_size > 1:
+        raise ConfigError("strategy.name", f"{cfg.strategy.name} runs one process but {env.world_size} were "
+                                           "launched; use ddp, fsdp or deepspeed")
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("strategy.backend", "nccl needs CUDA devices; use gloo or auto")
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", "cuda requested but no CUDA device is available")
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Shared test helpers: running distrain in-process, and under a real torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+CLUSTER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_STEP_ID", "SLURM_JOB_ID", "SLURM_NTASKS")
+
+torch.set_num_threads(1)
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_train(args: list[str], nproc: int = 0, timeout: int = 120, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    """nproc=0: `python -m distrain.train`; otherwise `torchrun --standalone --nproc_per_node=nproc`."""
+    launcher = [sys.executable, "-m", "distrain.train"] if nproc == 0 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "distrain.train"]
+    proc = subprocess.run(launcher + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                          env=clean_env(), cwd=ROOT, **popen)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train_inprocess(args: list[str]) -> int:
+    from distrain.train import main
+
+    return main([str(a) for a in args])
+
+
+def final_weights(run_dir: Path) -> dict:
+    return torch.load(Path(run_dir) / "final" / "model.pt", weights_only=True)
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def metrics(run_dir: Path, split: str | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if split is None or r["split"] == split]
+
+
+@pytest.fixture
+def digits_args(tmp_path):
+    return ["--config", CONFIGS / "digits_mlp.yaml", f"run.dir={tmp_path / 'run'}"]
