@@ -101,6 +101,7 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | never | <path>
     allow_config_change: bool = False
     async_save: bool = False
+    preempt_signals: list = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
 
 
 @dataclass
@@ -264,6 +265,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.betas", f"must be two numbers in [0, 1) (got {cfg.optim.betas!r})")
     if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum <= 0):
         raise ConfigError("optim.nesterov", "needs optim.name=sgd and optim.momentum > 0")
+    import signal
+
+    for name in cfg.checkpoint.preempt_signals:
+        if not isinstance(getattr(signal, str(name), None), signal.Signals):
+            raise ConfigError("checkpoint.preempt_signals", f"unknown signal {name!r} (e.g. SIGUSR1, SIGTERM)")
     if cfg.strategy.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("strategy.zero_stage", f"must be 0, 1, 2 or 3 (got {cfg.strategy.zero_stage})")
     if cfg.strategy.offload != "none" and cfg.strategy.name != "deepspeed":

@@ -51,6 +51,7 @@ def run(cfg, env) -> int:
     from .log import MetricsWriter, close_logging, setup_logging
     from .models import build_model
     from .optim import build_optimizer
+    from .preempt import Preemption
     from .strategies import StrategyContext, build_strategy
     from .trainer import Trainer
 
@@ -80,9 +81,15 @@ def run(cfg, env) -> int:
         strategy.setup(module, lambda params: build_optimizer(cfg.optim, params))
         comm_device = device if backend == "nccl" else torch.device("cpu")
         metrics = MetricsWriter(run_dir, env.is_main, cfg.log.tensorboard)
+        preemption = Preemption(cfg.checkpoint.preempt_signals, comm_device)
         trainer = Trainer(cfg, strategy, train_set, eval_set, meta, micro_batch=micro, device=device,
-                          comm_device=comm_device, metrics=metrics, checkpointer=checkpointer)
+                          comm_device=comm_device, metrics=metrics, checkpointer=checkpointer, preemption=preemption)
         summary = trainer.fit()
+        preemption.uninstall()
+        if summary["preempted"]:
+            log.warning("exiting with code %d: checkpointed after a preemption signal; requeue to resume",
+                        PREEMPTED_EXIT_CODE)
+            return PREEMPTED_EXIT_CODE
         checkpointer.export_final(strategy)
         log.info("done: %d steps in %.1f s; final eval %s; model %s", summary["steps"], summary["wall_s"],
                  summary["eval"], run_dir / "final" / "model.pt")

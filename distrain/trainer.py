@@ -26,10 +26,10 @@ class NonFiniteError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: Config, strategy, train_set, eval_set, meta: dict, *, micro_batch: int,
-                 device: torch.device, comm_device: torch.device, metrics, checkpointer=None):
+                 device: torch.device, comm_device: torch.device, metrics, checkpointer=None, preemption=None):
         self.cfg, self.strategy, self.meta = cfg, strategy, meta
         self.eval_set, self.device, self.comm_device = eval_set, device, comm_device
-        self.metrics, self.checkpointer = metrics, checkpointer
+        self.metrics, self.checkpointer, self.preemption = metrics, checkpointer, preemption
         self.world_size, self.rank = dist.world_size(), dist.rank()
         self.sampler = ResumableSampler(len(train_set), cfg.data.global_batch_size, micro_batch,
                                         self.world_size, self.rank, cfg.run.seed)
@@ -66,10 +66,18 @@ class Trainer:
                 self.run_eval()
             if self.checkpointer is not None and self.checkpointer.due(self.step) and self.step < self.total_steps:
                 self.checkpointer.save(self)
+            if self.preemption is not None and self.preemption.should_stop():
+                self.preemption.drain()
+                log.warning("preemption signal: checkpointing at step %d and exiting for a requeue", self.step)
+                self.checkpointer.save(self)
+                return {"steps": self.step, "wall_s": time.perf_counter() - start, "eval": self.last_eval,
+                        "preempted": True}
+        if self.preemption is not None:
+            self.preemption.drain()
         self.run_eval()
         if self.checkpointer is not None:
             self.checkpointer.save(self, final=True)
-        return {"steps": self.step, "wall_s": time.perf_counter() - start, "eval": self.last_eval}
+        return {"steps": self.step, "wall_s": time.perf_counter() - start, "eval": self.last_eval, "preempted": False}
 
     def train_step(self):
         t_data = time.perf_counter()
@@ -85,10 +93,10 @@ class Trainer:
         for i, ((x, y), real) in enumerate(zip(micro, batch.real)):
             with s.sync(i == last):
                 with s.autocast():
-                    losses = per_sample_loss(self.meta["task"], s.model(x), y)
-                s.backward(losses.sum() * (scale if real else 0.0))
+                    total = per_sample_loss(self.meta["task"], s.model(x), y).sum()
+                s.backward(total * (scale if real else 0.0))
             if real:
-                loss_sum += losses.detach().sum()
+                loss_sum += total.detach()
         grad_norm = s.step(self.cfg.train.grad_clip)
         if not torch.isfinite(grad_norm) and self.cfg.strategy.name != "deepspeed":
             self.skipped_steps += 1

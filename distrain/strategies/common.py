@@ -3,7 +3,6 @@ step with clipping and the non-finite check, and plain-file model/optimizer chec
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import torch
@@ -25,13 +24,17 @@ def grad_scaler(device: torch.device, precision: str):
 def optimizer_step(optimizer, params, grad_clip: float | None, scaler=None) -> torch.Tensor:
     """Clip, then step unless the gradient norm is non-finite; always leaves grads cleared.
 
-    Returns the pre-clip global gradient norm (inf/nan when the step was skipped).
+    Returns the pre-clip global gradient norm (inf/nan when the step was skipped). The
+    norm is needed every step anyway, for the non-finite guard.
     """
     if scaler is not None:
         scaler.unscale_(optimizer)
-    norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+    params = [p for p in params if p.grad is not None]
+    norm = nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the norm over all shards
         norm = norm.full_tensor()
+    if grad_clip:
+        nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
     if scaler is not None:
         scaler.step(optimizer)  # GradScaler skips on inf itself and lowers its scale
         scaler.update()

@@ -1,0 +1,50 @@
+"""Preemption: a signal only sets a flag; the ranks agree on it at a step boundary.
+
+The agreement is a one-element all-reduce started asynchronously after each step and
+read one step later, so it overlaps compute instead of adding a round trip per step.
+Every rank sees the same answer at the same step, so all of them checkpoint together.
+"""
+from __future__ import annotations
+
+import signal
+
+import torch
+
+from . import dist
+
+
+class Preemption:
+    def __init__(self, signal_names: list[str], comm_device: torch.device):
+        self.requested = False
+        self.comm_device = comm_device
+        self._pending = None
+        self._previous = {}
+        for name in signal_names:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True  # nothing else here: no I/O, no collectives, no locks
+
+    def should_stop(self) -> bool:
+        """Collective: True on every rank once any rank has received a signal."""
+        if not dist.active():
+            return self.requested
+        stop = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            stop = flag.item() > 0
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.comm_device)
+        self._pending = (torch.distributed.all_reduce(flag, async_op=True), flag)
+        return stop
+
+    def drain(self) -> None:
+        """Finish the outstanding agreement so no collective is left in flight."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
