@@ -1,10 +1,19 @@
-"""Safe file reading: checkpoints hold only tensors and plain containers and primitives."""
+"""Safe file reading: checkpoints hold only tensors and plain containers and primitives.
+
+Every .pt file of a checkpoint is vetted before anything loads it, including files that
+DeepSpeed later reads itself: the globals its pickle would import are listed without
+unpickling, and anything outside torch's weights-only set (plus two plain DeepSpeed
+value classes, in DeepSpeed's own files) is refused.
+"""
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
 
 import torch
+
+# value types DeepSpeed pickles into its optimizer files; importing them runs no user code
+DEEPSPEED_GLOBALS = {"deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum"}
 
 
 class UnsafeCheckpointError(Exception):
@@ -15,6 +24,22 @@ def safe_load(path: Path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"{path} needs arbitrary unpickling, which distrain refuses (only tensors and plain containers are "
-            f"loaded); re-save it as a plain state_dict. Detail: {str(e).splitlines()[0]}") from None
+        raise _unsafe(path, str(e).splitlines()[0]) from None
+
+
+def vet_files(directory: Path) -> None:
+    """Raise UnsafeCheckpointError if any .pt file under `directory` needs arbitrary unpickling."""
+    for path in sorted(Path(directory).rglob("*.pt")):
+        allowed = DEEPSPEED_GLOBALS if "deepspeed" in path.relative_to(directory).parts else set()
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed
+        except (RuntimeError, ValueError, OSError, pickle.UnpicklingError, EOFError):
+            continue  # unreadable rather than unsafe: the loader reports it, and resume falls back
+        if unsafe:
+            raise _unsafe(path, f"it references {', '.join(sorted(unsafe))}")
+
+
+def _unsafe(path, detail) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{path} needs arbitrary unpickling, which distrain refuses (only tensors and plain containers are "
+        f"loaded; {detail}); re-save it as a plain state_dict")

@@ -94,3 +94,12 @@ def expand_nodelist(nodelist: str) -> list[str]:
             for i in range(int(lo), int(hi) + 1):
                 hosts.append(f"{prefix}{i:0{len(lo)}d}")
     return hosts
+
+
+def export_for_libraries(env: ClusterEnv) -> None:
+    """Libraries that read the launcher's variables themselves (DeepSpeed asserts on LOCAL_RANK)
+    get them also when the process came from srun or is a lone process."""
+    os.environ.setdefault("RANK", str(env.rank))
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(env.local_world_size))

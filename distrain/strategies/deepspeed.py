@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from . import common
 
 
@@ -44,6 +46,9 @@ class DeepSpeed:
     def setup(self, module, make_optimizer) -> None:
         import deepspeed
 
+        from ..cluster import export_for_libraries
+
+        export_for_libraries(self.ctx.env)
         if self.ctx.device.type == "cpu":
             # the shared-memory comm op JIT-compiles C++ for ~30 s on first use; gloo does the job
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -66,22 +71,81 @@ class DeepSpeed:
         self.engine.backward(loss, scale_wrt_gas=False)  # the trainer already normalised the loss
 
     def step(self, grad_clip):
-        import torch
-
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return torch.tensor(float("nan") if norm is None else float(norm))
 
     def full_model_state(self) -> dict:
-        if self.ctx.cfg.strategy.zero_stage == 3:
-            return self.engine._zero3_consolidated_16bit_state_dict() or {}
-        return {k: v.float() if v.is_floating_point() else v for k, v in self.module.state_dict().items()}
+        """fp32 master weights (not the 16-bit compute copy), gathered over ranks; collective."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, p in self.module.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            state[name] = (full if full is not None else p.detach()).float().cpu().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+        for name, b in self.module.named_buffers():
+            state[name] = b.detach().cpu()
+        return {k: state[k] for k in self.module.state_dict() if k in state}
 
     def save(self, path) -> None:
         self.engine.save_checkpoint(str(path / "deepspeed"), tag="state")  # every rank writes its partition
+        universal = self._gather_universal()  # collective
+        if self.ctx.env.is_main:
+            torch.save(universal, path / "deepspeed" / "universal.pt")
 
     def load(self, path) -> None:
-        self.engine.load_checkpoint(str(path / "deepspeed"), tag="state")
+        from ..checkpoint_io import safe_load
+
+        universal = safe_load(path / "deepspeed" / "universal.pt")
+        if universal["world_size"] == self.ctx.env.world_size:
+            self.engine.load_checkpoint(str(path / "deepspeed"), tag="state")  # bitwise, DeepSpeed's own
+        else:
+            self._scatter_universal(universal)
+
+    def _gather_universal(self) -> dict:
+        """Per-parameter fp32 weights and optimizer state, whole: readable by any world size."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        keys = self._optimizer_state_keys()
+        out = {"world_size": self.ctx.env.world_size, "step": self._optimizer_step(), "params": {},
+               **{k: {} for k in keys}}
+        for name, p in self.module.named_parameters():
+            out["params"][name] = safe_get_full_fp32_param(p).cpu()
+            for k in keys:
+                out[k][name] = safe_get_full_optimizer_state(p, k).cpu()
+        return out
+
+    def _scatter_universal(self, universal: dict) -> None:
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        params = dict(self.module.named_parameters())
+        device = self.ctx.device
+        for name, p in params.items():
+            safe_set_full_fp32_param(p, universal["params"][name].to(device))
+            for k in self._optimizer_state_keys():
+                safe_set_full_optimizer_state(p, universal[k][name].to(device), k)
+        for state in self.optimizer.state.values():
+            if "step" in state:
+                state["step"] = torch.as_tensor(universal["step"], dtype=state["step"].dtype) \
+                    if torch.is_tensor(state["step"]) else universal["step"]
+        # the compute copy of the weights follows the fp32 master
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
+                                               enabled=self.ctx.cfg.strategy.zero_stage == 3):
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.data.copy_(universal["params"][name].to(p.device, p.dtype).reshape(p.shape))
+
+    def _optimizer_state_keys(self) -> list[str]:
+        for state in self.optimizer.state.values():
+            return sorted(k for k, v in state.items() if k != "step" and torch.is_tensor(v) and v.dim() > 0)
+        return []
+
+    def _optimizer_step(self) -> int:
+        for state in self.optimizer.state.values():
+            if "step" in state:
+                return int(state["step"])
+        return 0
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -1,0 +1,70 @@
+"""Test-only models and data that die or record at a chosen point, loaded by import path
+(`model.name=tests.faults:killable_mlp`). A marker file per rank makes a kill happen once,
+so the relaunch runs the very same command to the end."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from distrain.models.vision import mlp
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+class KillSwitch(nn.Module):
+    def __init__(self, net, kill_at, kill_eval_at, kill_on_save_after, marker, record):
+        super().__init__()
+        self.net = net
+        self.kill_at, self.kill_eval_at, self.kill_on_save_after = kill_at, kill_eval_at, kill_on_save_after
+        self.marker, self.record = marker, record
+        self.train_forwards = self.eval_forwards = 0
+
+    def _die(self) -> None:
+        # once per run: a rank that the launcher took down before it got here must not die on the relaunch
+        marker = Path(f"{self.marker}.rank{_rank()}")
+        if not self.marker or list(marker.parent.glob(f"{marker.name.rsplit('.', 1)[0]}.rank*")):
+            return
+        marker.write_text("killed")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def forward(self, x):
+        if self.training:
+            if self.train_forwards == self.kill_at:
+                self._die()
+            self.train_forwards += 1
+            if self.record:
+                with open(f"{self.record}.rank{_rank()}", "a") as f:
+                    f.write(" ".join(str(int(i)) for i in x[:, 0, 0, 0].tolist()) + "\n")
+        else:
+            if self.eval_forwards == self.kill_eval_at:
+                self._die()
+            self.eval_forwards += 1
+        return self.net(x)
+
+    def state_dict(self, *args, **kwargs):
+        if 0 <= self.kill_on_save_after <= self.train_forwards:
+            self._die()
+        return super().state_dict(*args, **kwargs)
+
+
+def killable_mlp(in_shape, num_classes: int, hidden: list = (32, 32), kill_at: int = -1, kill_eval_at: int = -1,
+                 kill_on_save_after: int = -1, marker: str = "", record: str = ""):
+    return KillSwitch(mlp(in_shape, num_classes, hidden), kill_at, kill_eval_at, kill_on_save_after, marker, record)
+
+
+def indexed_digits(n_train: int = 384):
+    """The digits set with each image's first pixel replaced by its index, so a model can record ids."""
+    from distrain.data.datasets import digits
+
+    train, evaluation, meta = digits()
+    x, y = train.tensors
+    x, y = x[:n_train].clone(), y[:n_train]
+    x[:, 0, 0, 0] = torch.arange(n_train, dtype=x.dtype)
+    return TensorDataset(x, y), evaluation, meta
