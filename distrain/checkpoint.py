@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import dist, rng
-from .checkpoint_io import UnsafeCheckpointError, safe_load
+from .checkpoint_io import UnsafeCheckpointError, safe_load, verify_crc, vet_files
 from .config import ConfigError, to_dict
 
 log = logging.getLogger("distrain")
@@ -139,10 +139,11 @@ class Checkpointer:
 
     def _try_load(self, path: Path, trainer) -> str | None:
         """Load on every rank; all agree on success, else all move on to the next candidate."""
-        problem = check_manifest(path)
+        problem = check_manifest(path) or verify_crc(path)
         meta = None
         if problem is None:
             try:
+                vet_files(path)
                 meta = safe_load(path / "trainer.pt")
             except UnsafeCheckpointError as e:
                 raise ConfigError("checkpoint.resume", str(e))
@@ -160,6 +161,7 @@ class Checkpointer:
             raise ConfigError("checkpoint.resume", str(e))
         except Exception as e:  # noqa: BLE001
             problem = f"{type(e).__name__}: {e}"
+            log.debug("loading %s failed", path, exc_info=True)
         if not agree(problem is None, trainer.comm_device):
             return problem or "another rank could not load it"
         return None
@@ -227,7 +229,8 @@ def agree(ok: bool, comm_device) -> bool:
 
 
 def write_manifest(path: Path) -> None:
-    files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+    files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))
+             if p.is_file() and p.name != "manifest.json"}
     (path / "manifest.json").write_text(json.dumps(files, indent=0))
 
 

@@ -119,22 +119,38 @@ class DeepSpeed:
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+        keys = [k for k in universal if k not in ("world_size", "step", "params")]
+        self._materialize_optimizer_state(keys, universal["step"])
         params = dict(self.module.named_parameters())
         device = self.ctx.device
         for name, p in params.items():
-            safe_set_full_fp32_param(p, universal["params"][name].to(device))
-            for k in self._optimizer_state_keys():
-                safe_set_full_optimizer_state(p, universal[k][name].to(device), k)
-        for state in self.optimizer.state.values():
-            if "step" in state:
-                state["step"] = torch.as_tensor(universal["step"], dtype=state["step"].dtype) \
-                    if torch.is_tensor(state["step"]) else universal["step"]
+            for k in [None, *keys]:
+                value = universal["params" if k is None else k][name].to(device)
+                if hasattr(p, "ds_id"):
+                    _set_zero3_partition(p, value, k)
+                elif k is None:
+                    safe_set_full_fp32_param(p, value)
+                else:
+                    safe_set_full_optimizer_state(p, value, k)
         # the compute copy of the weights follows the fp32 master
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
                                                enabled=self.ctx.cfg.strategy.zero_stage == 3):
             with torch.no_grad():
                 for name, p in params.items():
                     p.data.copy_(universal["params"][name].to(p.device, p.dtype).reshape(p.shape))
+
+    def _materialize_optimizer_state(self, keys: list[str], step: int) -> None:
+        """torch optimizers create their state at the first step; a resumed run must have it before
+        that, on the flat fp32 partitions DeepSpeed hands to the optimizer."""
+        zero = self.engine.optimizer
+        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups")
+        for flat in flats:
+            state = self.optimizer.state[flat]
+            for k in keys:
+                state[k] = torch.zeros_like(flat)
+            state["step"] = torch.tensor(float(step))
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2 link per-parameter views lazily
+            zero._lazy_init_hp_params_optimizer_state()
 
     def _optimizer_state_keys(self) -> list[str]:
         for state in self.optimizer.state.values():
@@ -146,6 +162,17 @@ class DeepSpeed:
             if "step" in state:
                 return int(state["step"])
         return 0
+
+
+def _set_zero3_partition(param, value, key) -> None:
+    """This rank's slice of a full tensor into ZeRO-3's fp32 partition. DeepSpeed's own setter
+    overruns when the last rank's partition is padded (numel not divisible by the world size)."""
+    zero = param._z3_optimizer
+    part, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    start = part.numel() * zero._get_param_partition_rank(param)
+    chunk = value.flatten()[start : start + part.numel()]
+    part.data.zero_()
+    part.data[: chunk.numel()].copy_(chunk)
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -1,0 +1,148 @@
+"""Checkpoint protocol, fallback, safety, config checks, retention and export (single process: fast)."""
+import pickle
+import zipfile
+
+import torch
+
+from conftest import CONFIGS, final_weights, run_train, train_inprocess
+
+BASE = ["--config", CONFIGS / "digits_mlp.yaml", "strategy.name=single", "train.epochs=null", "train.log_every=5",
+        "checkpoint.every_steps=5", "checkpoint.keep_last=10", "model.hidden=[16]"]
+
+
+def train(run, *extra):
+    return train_inprocess([*BASE, f"run.dir={run}", *extra])
+
+
+def test_checkpoint_layout_and_latest(tmp_path):
+    run = tmp_path / "run"
+    assert train(run, "train.max_steps=12") == 0
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000005", "step_00000010", "step_00000012"]
+    assert (ckpts / "latest").read_text() == "step_00000012\n"
+    step = ckpts / "step_00000012"
+    assert {p.name for p in step.iterdir()} == {"model.pt", "trainer.pt", "rng", "manifest.json"}
+    meta = torch.load(step / "trainer.pt", weights_only=True)
+    assert meta["trainer"]["step"] == 12 and meta["trainer"]["data"] == {"epoch": 0, "position": 12 * 64}
+    assert meta["config"]["optim"]["lr"] == 0.003 and meta["world_size"] == 1
+
+
+def test_keep_last_never_deletes_what_latest_names(tmp_path):
+    run = tmp_path / "run"
+    assert train(run, "train.max_steps=22", "checkpoint.keep_last=2") == 0
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["latest", "step_00000020", "step_00000022"]
+
+
+def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(run, "train.max_steps=15") == 0
+    reference = tmp_path / "ref"
+    assert train(reference, "train.max_steps=20") == 0
+    newest = run / "checkpoints" / "step_00000015" / "model.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    capsys.readouterr()
+    assert train(run, "train.max_steps=20") == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {newest.parent} is unreadable" in out and "model.pt has 1000 bytes" in out
+    assert "resumed from" in out and "step_00000010 at step 10" in out
+    ours, ref = final_weights(run), final_weights(reference)
+    assert all(ours[k].equal(ref[k]) for k in ref)
+
+
+def test_corrupt_bytes_of_the_same_size_fall_back(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(run, "train.max_steps=10") == 0
+    newest = run / "checkpoints" / "step_00000010" / "model.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # inside the tensor payload
+    newest.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert train(run, "train.max_steps=12") == 0
+    out = capsys.readouterr().out
+    assert "step_00000010 is unreadable" in out and "step_00000005 at step 5" in out
+
+
+def test_a_pickled_object_payload_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(run, "train.max_steps=5") == 0
+    trainer_pt = run / "checkpoints" / "step_00000005" / "trainer.pt"
+    meta = torch.load(trainer_pt, weights_only=True)
+    meta["payload"] = Exploit()
+    torch.save(meta, trainer_pt)
+    from distrain.checkpoint import write_manifest
+
+    write_manifest(trainer_pt.parent)
+    capsys.readouterr()
+    assert train(run, "train.max_steps=8") == 2
+    err = capsys.readouterr().err
+    assert "needs arbitrary unpickling" in err and "io.open" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "pwned").exists()
+
+
+class Exploit:
+    def __reduce__(self):
+        return (open, ("pwned", "w"))
+
+
+def test_a_never_committed_directory_is_never_loaded(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(run, "train.max_steps=10") == 0
+    ckpts = run / "checkpoints"
+    (ckpts / "step_00000010").rename(ckpts / ".tmp-step_00000010")  # as if killed before the commit
+    (ckpts / "latest").write_text("step_00000005\n")
+    capsys.readouterr()
+    assert train(run, "train.max_steps=12") == 0
+    assert "step_00000005 at step 5" in capsys.readouterr().out
+
+
+def test_optimization_changes_are_refused_on_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(run, "train.max_steps=5") == 0
+    capsys.readouterr()
+    assert train(run, "train.max_steps=8", "optim.lr=0.1", "data.global_batch_size=32") == 2
+    err = capsys.readouterr().err
+    assert "'optim.lr'" in err and "data.global_batch_size" in err and "allow_config_change" in err
+    # the micro batch (and the world size) may change freely; the override key accepts the rest
+    assert train(run, "train.max_steps=8", "data.micro_batch_size=16") == 0
+    assert train(run, "train.max_steps=10", "optim.lr=0.1", "checkpoint.allow_config_change=true") == 0
+
+
+def test_resume_never_refuses_to_overwrite_a_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(run, "train.max_steps=5") == 0
+    capsys.readouterr()
+    assert train(run, "train.max_steps=5", "checkpoint.resume=never") == 2
+    assert "run.overwrite=true" in capsys.readouterr().err
+    assert (run / "checkpoints" / "step_00000005").exists()  # nothing already saved is lost
+    assert train(run, "train.max_steps=3", "checkpoint.resume=never", "run.overwrite=true") == 0
+    assert not (run / "checkpoints" / "step_00000005").exists()
+
+
+def test_resume_from_an_explicit_path(tmp_path, capsys):
+    run, other = tmp_path / "run", tmp_path / "other"
+    assert train(run, "train.max_steps=10") == 0
+    capsys.readouterr()
+    assert train(other, "train.max_steps=12", f"checkpoint.resume={run / 'checkpoints' / 'step_00000005'}") == 0
+    assert "at step 5" in capsys.readouterr().out
+
+
+def test_export_command_for_a_full_checkpoint(tmp_path):
+    from distrain.cli import main
+
+    run = tmp_path / "run"
+    assert train(run, "train.max_steps=6") == 0
+    assert main(["export", str(run), str(tmp_path / "out.pt")]) == 0
+    exported, final = torch.load(tmp_path / "out.pt", weights_only=True), final_weights(run)
+    assert all(exported[k].equal(final[k]) for k in final)
+    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "x.pt")]) == 2
+
+
+def test_checkpoint_files_hold_only_plain_data(tmp_path):
+    run = tmp_path / "run"
+    assert train(run, "train.max_steps=5") == 0
+    for f in (run / "checkpoints" / "step_00000005").rglob("*.pt"):
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(f) == [], f
+        with zipfile.ZipFile(f) as z:
+            pickle_bytes = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        assert b"distrain" not in pickle_bytes
