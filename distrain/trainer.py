@@ -49,6 +49,12 @@ class Trainer:
         self.loader.reset()
 
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:
+            self.loader.close()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         if self.checkpointer is not None:
             self.checkpointer.maybe_resume(self)

@@ -47,16 +47,24 @@ class StepLoader:
                             worker_init_fn=_seed_worker, generator=g, pin_memory=self.device.type == "cuda",
                             persistent_workers=False)
         it = iter(loader)
-        while True:
-            first = next(it)
-            step = pending.popleft()
-            micro = [first] + [next(it) for _ in range(len(step.micro_batches) - 1)]
-            self.sampler.next_step()
-            yield step, [tuple(t.to(self.device, non_blocking=True) for t in m) for m in micro]
+        try:
+            while True:
+                first = next(it)
+                step = pending.popleft()
+                micro = [first] + [next(it) for _ in range(len(step.micro_batches) - 1)]
+                self.sampler.next_step()
+                yield step, [tuple(t.to(self.device, non_blocking=True) for t in m) for m in micro]
+        finally:
+            del it  # stops the worker processes now, not at interpreter exit
 
     def reset(self) -> None:
         """Forget prefetched batches (after the sampler state was restored)."""
-        self._iter = None
+        self.close()
+
+    def close(self) -> None:
+        if self._iter is not None:
+            self._iter.close()
+            self._iter = None
 
 
 def _seed_worker(worker_id: int) -> None:
