@@ -106,6 +106,10 @@ class Checkpointer:
             if f"step_{step:08d}" != newest:
                 shutil.rmtree(self.root / f"step_{step:08d}", ignore_errors=True)
 
+    def latest_path(self) -> str | None:
+        latest = self.root / "latest"
+        return str(self.root / latest.read_text().strip()) if latest.exists() else None
+
     # -- resuming
     def maybe_resume(self, trainer) -> bool:
         resume = self.cfg.checkpoint.resume

@@ -109,6 +109,7 @@ class LogConfig:
     tensorboard: bool = False
     progress: Literal["auto", "on", "off"] = "auto"
     watchdog_s: int = 0  # 0: off
+    straggler_factor: float = 2.0  # warn about a rank slower than this x the median; 0: off
     level: Literal["debug", "info", "warning"] = "info"
 
 
@@ -210,6 +211,8 @@ def _coerce(key: str, value: Any, hint):
         return _coerce(key, value, inner)
     if origin is Literal:
         allowed = typing.get_args(hint)
+        if isinstance(value, bool) and {"on", "off"} <= set(allowed):  # YAML 1.1 reads on/off as booleans
+            value = "on" if value else "off"
         if value not in allowed:
             raise ConfigError(key, f"must be one of {', '.join(map(str, allowed))} (got {value!r}){_suggest(str(value), allowed)}")
         return value
@@ -222,6 +225,11 @@ def _coerce(key: str, value: Any, hint):
             raise ConfigError(key, f"must be an integer (got {value!r})")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"must be a number (got {value!r})")
         return float(value)

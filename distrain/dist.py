@@ -67,6 +67,15 @@ def rank() -> int:
     return dist.get_rank() if active() else 0
 
 
+def default_store():
+    """The process group's key-value store (for out-of-band status such as the watchdog's), or None."""
+    if not active():
+        return None
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

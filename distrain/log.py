@@ -1,52 +1,81 @@
 """Rank-aware logging and metric sinks.
 
-Console: rank 0's lines, plus warnings and errors of any rank prefixed with the rank.
-Files: every rank's full log in logs/rank{R}.log. Metrics: rank 0 appends JSON lines
-to metrics.jsonl (and TensorBoard scalars when enabled).
+Console: rank 0's lines (info to stdout, warnings and errors to stderr), plus warnings
+and errors of the other ranks, prefixed with their rank. Files: every rank's full log
+in logs/rank{R}.log with timestamps and rank. Python warnings raised by libraries reach
+the console once, from rank 0; every rank keeps them in its own file.
 """
 from __future__ import annotations
 
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 LOGGER = "distrain"
+LIBRARY_LOGGERS = ("DeepSpeed", "torch.distributed")
+
+
+class _Below(logging.Filter):
+    def __init__(self, level):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record):
+        return record.levelno < self.level
 
 
 def setup_logging(run_dir: Path, rank: int, world_size: int, level: str = "info") -> logging.Logger:
+    close_logging()
     log = logging.getLogger(LOGGER)
     log.setLevel(logging.DEBUG)
     log.propagate = False
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     file_handler = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
-    file_handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s"))
+    file_handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"))
     file_handler.setLevel(logging.DEBUG)
-    log.addHandler(file_handler)
-    console = logging.StreamHandler(sys.stderr if rank else sys.stdout)
-    prefix = f"[rank{rank}] " if world_size > 1 else ""
-    console.setFormatter(logging.Formatter(f"{prefix}%(message)s" if rank == 0 else f"[rank{rank}] %(levelname)s %(message)s"))
-    console.setLevel(getattr(logging, level.upper()) if rank == 0 else logging.WARNING)
-    log.addHandler(console)
-    # library warnings go to this rank's file; the console sees them once, from rank 0
+    handlers = [file_handler]
+    prefix = f"[rank{rank}] " if world_size > 1 and rank else ""
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter(f"{prefix}%(levelname)s %(message)s" if rank else "%(message)s"))
+    handlers.append(err)
+    if rank == 0:
+        out = logging.StreamHandler(sys.stdout)
+        out.setLevel(getattr(logging, level.upper()))
+        out.addFilter(_Below(logging.WARNING))
+        out.setFormatter(logging.Formatter("%(message)s"))
+        handlers.append(out)
+    for h in handlers:
+        log.addHandler(h)
+    # library loggers and Python warnings: all into this rank's file, the console from rank 0 only
     logging.captureWarnings(True)
-    py_warnings = logging.getLogger("py.warnings")
-    py_warnings.handlers = [file_handler] + ([console] if rank == 0 else [])
-    py_warnings.propagate = False
-    if rank:
-        warnings.filterwarnings("default")
+    for name in ("py.warnings", *LIBRARY_LOGGERS):
+        lib = logging.getLogger(name)
+        lib.handlers = [file_handler] + ([err] if rank == 0 else [])
+        lib.propagate = False
     return log
 
 
+def console_handlers() -> list[logging.Handler]:
+    return [h for h in logging.getLogger(LOGGER).handlers if not isinstance(h, logging.FileHandler)]
+
+
+def log_file_stream():
+    """The open stream of this rank's log file (for faulthandler), or None."""
+    for h in logging.getLogger(LOGGER).handlers:
+        if isinstance(h, logging.FileHandler):
+            return h.stream
+    return None
+
+
 def close_logging() -> None:
-    for name in (LOGGER, "py.warnings"):
-        for h in list(logging.getLogger(name).handlers):
-            logging.getLogger(name).removeHandler(h)
-            h.close()
+    for name in (LOGGER, "py.warnings", *LIBRARY_LOGGERS):
+        logger = logging.getLogger(name)
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+            if isinstance(h, logging.FileHandler):
+                h.close()
     logging.captureWarnings(False)
 
 
@@ -58,8 +87,11 @@ class MetricsWriter:
         self._file = open(run_dir / "metrics.jsonl", "a", buffering=1) if enabled else None
         self._tb = None
         if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError("log.tensorboard=true needs the tensorboard package "
+                                   "(pip install 'distrain[tensorboard]')") from e
             self._tb = SummaryWriter(str(run_dir / "tb"))
 
     def write(self, record: dict) -> None:
@@ -69,7 +101,7 @@ class MetricsWriter:
         if self._tb is not None:
             split = record.get("split", "train")
             for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
                     self._tb.add_scalar(f"{split}/{key}", value, record["step"])
 
     def close(self) -> None:
@@ -77,3 +109,10 @@ class MetricsWriter:
             self._file.close()
         if self._tb:
             self._tb.close()
+
+
+def adopt_library_logger(name: str) -> None:
+    """Route a library logger created after setup_logging (DeepSpeed's, at import) like the others."""
+    lib = logging.getLogger(name)
+    lib.handlers = list(logging.getLogger("py.warnings").handlers)
+    lib.propagate = False

@@ -11,6 +11,7 @@ import logging
 import random
 import sys
 import traceback
+import warnings
 
 PREEMPTED_EXIT_CODE = 3  # checkpointed after a preemption signal: requeue me
 
@@ -48,27 +49,33 @@ def run(cfg, env) -> int:
     from .checkpoint import Checkpointer
     from .config import ConfigError, batch_layout, to_yaml
     from .data import build_datasets
-    from .log import MetricsWriter, close_logging, setup_logging
+    from .log import MetricsWriter, close_logging, log_file_stream, setup_logging
     from .models import build_model
     from .optim import build_optimizer
     from .preempt import Preemption
     from .strategies import StrategyContext, build_strategy
     from .trainer import Trainer
+    from .watchdog import Watchdog
 
     micro, accumulation = batch_layout(cfg, env.world_size)
     device = dist.choose_device(env, cfg.train.device, cfg.strategy.name)
     backend = dist.choose_backend(cfg.strategy.backend, cfg.strategy.name, device.type == "cuda")
     _check_hardware(cfg, env, device, backend)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    train_set, eval_set, meta = build_datasets(cfg.data)
-    module = build_model(cfg.model, {k: v for k, v in meta.items() if k != "task"}, cfg.train.activation_checkpointing)
+    with warnings.catch_warnings(record=True) as early_warnings:  # shown once logging knows the rank
+        warnings.simplefilter("default")
+        train_set, eval_set, meta = build_datasets(cfg.data)
+        module = build_model(cfg.model, {k: v for k, v in meta.items() if k != "task"},
+                             cfg.train.activation_checkpointing)
     checkpointer = Checkpointer(cfg, env)
     checkpointer.check_run_dir()  # before any process waits on another: a refusal is a config error
 
     dist.init(env, backend, device, cfg.strategy.timeout_s, needs_group=cfg.strategy.name in ("ddp", "fsdp", "deepspeed"))
     run_dir = cfg.run_dir
     log = setup_logging(run_dir, env.rank, env.world_size, cfg.log.level)
-    metrics = None
+    for w in early_warnings:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    metrics = watchdog = preemption = None
     try:
         if env.is_main:
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -82,17 +89,18 @@ def run(cfg, env) -> int:
         comm_device = device if backend == "nccl" else torch.device("cpu")
         metrics = MetricsWriter(run_dir, env.is_main, cfg.log.tensorboard)
         preemption = Preemption(cfg.checkpoint.preempt_signals, comm_device)
+        watchdog = Watchdog(cfg.log.watchdog_s, env.rank, env.world_size, dist.default_store(), log_file_stream()) \
+            if cfg.log.watchdog_s else None
         trainer = Trainer(cfg, strategy, train_set, eval_set, meta, micro_batch=micro, device=device,
-                          comm_device=comm_device, metrics=metrics, checkpointer=checkpointer, preemption=preemption)
+                          comm_device=comm_device, metrics=metrics, checkpointer=checkpointer, preemption=preemption,
+                          watchdog=watchdog, interactive=env.interactive)
         summary = trainer.fit()
-        preemption.uninstall()
         if summary["preempted"]:
             log.warning("exiting with code %d: checkpointed after a preemption signal; requeue to resume",
                         PREEMPTED_EXIT_CODE)
             return PREEMPTED_EXIT_CODE
         checkpointer.export_final(strategy)
-        log.info("done: %d steps in %.1f s; final eval %s; model %s", summary["steps"], summary["wall_s"],
-                 summary["eval"], run_dir / "final" / "model.pt")
+        _log_summary(log, summary, run_dir)
         return 0
     except ConfigError:
         raise
@@ -102,10 +110,22 @@ def run(cfg, env) -> int:
                                             type(e).__name__, e, run_dir / "logs" / f"rank{env.rank}.log")
         return 1
     finally:
-        if metrics is not None:
-            metrics.close()
+        for closable in (watchdog, metrics):
+            if closable is not None:
+                closable.close()
+        if preemption is not None:
+            preemption.uninstall()
         dist.shutdown()
         close_logging()
+
+
+def _log_summary(log, s: dict, run_dir) -> None:
+    best = s["best_eval"] or {}
+    metric = "accuracy" if "accuracy" in best else "loss"
+    log.info("summary: %d steps (%d in this run) in %.1f s, %.0f samples/s, %d skipped; best eval %s %.4f at step %s; "
+             "checkpoint %s; model %s", s["steps"], s["steps_this_run"], s["wall_s"], s["samples_per_s"] or 0,
+             s["skipped_steps"], metric, best.get(metric, float("nan")), best.get("step"), s["checkpoint"],
+             run_dir / "final" / "model.pt")
 
 
 def _check_hardware(cfg, env, device, backend) -> None:

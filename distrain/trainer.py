@@ -2,10 +2,9 @@
 between strategies stays behind the Strategy protocol."""
 from __future__ import annotations
 
+import json
 import logging
-import math
 import time
-from pathlib import Path
 
 import torch
 
@@ -14,8 +13,11 @@ from .config import Config
 from .data.loader import StepLoader
 from .data.sampler import ResumableSampler
 from .evaluate import evaluate
+from .metrics import Window, flops_per_sample, peak_flops, peak_memory_mb, stragglers
 from .optim import lr_at, set_lr
+from .progress import Progress
 from .tasks import per_sample_loss
+from .watchdog import NoWatchdog
 
 log = logging.getLogger("distrain")
 
@@ -26,10 +28,13 @@ class NonFiniteError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: Config, strategy, train_set, eval_set, meta: dict, *, micro_batch: int,
-                 device: torch.device, comm_device: torch.device, metrics, checkpointer=None, preemption=None):
+                 device: torch.device, comm_device: torch.device, metrics, checkpointer=None, preemption=None,
+                 watchdog=None, interactive: bool = False):
         self.cfg, self.strategy, self.meta = cfg, strategy, meta
         self.eval_set, self.device, self.comm_device = eval_set, device, comm_device
         self.metrics, self.checkpointer, self.preemption = metrics, checkpointer, preemption
+        self.watchdog = watchdog or NoWatchdog()
+        self.interactive = interactive
         self.world_size, self.rank = dist.world_size(), dist.rank()
         self.sampler = ResumableSampler(len(train_set), cfg.data.global_batch_size, micro_batch,
                                         self.world_size, self.rank, cfg.run.seed)
@@ -38,6 +43,9 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.last_eval: dict | None = None
+        self.best_eval: dict | None = None
+        self.flops_per_sample = flops_per_sample(strategy.module, meta)
+        self.peak_flops = peak_flops(device)
 
     # -- what a checkpoint holds besides the strategy's model and optimizer state
     def state_dict(self) -> dict:
@@ -53,43 +61,50 @@ class Trainer:
             return self._fit()
         finally:
             self.loader.close()
+            self.watchdog.phase = "done"
 
     def _fit(self) -> dict:
         cfg = self.cfg
         if self.checkpointer is not None:
             self.checkpointer.maybe_resume(self)
-        window = _Window(self.comm_device)
-        start = time.perf_counter()
-        while self.step < self.total_steps:
-            t0 = time.perf_counter()
-            loss_sum, samples, grad_norm, data_wait = self.train_step()
-            self.step += 1
-            window.add(loss_sum, samples, time.perf_counter() - t0, data_wait)
-            if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                self.log_train(window, grad_norm)
-                window = _Window(self.comm_device)
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
-                self.run_eval()
-            if self.checkpointer is not None and self.checkpointer.due(self.step) and self.step < self.total_steps:
-                self.checkpointer.save(self)
-            if self.preemption is not None and self.preemption.should_stop():
-                self.preemption.drain()
-                log.warning("preemption signal: checkpointing at step %d and exiting for a requeue", self.step)
-                self.checkpointer.save(self)
-                return {"steps": self.step, "wall_s": time.perf_counter() - start, "eval": self.last_eval,
-                        "preempted": True}
+        progress = Progress(cfg.log.progress, self.interactive, self.rank == 0, self.total_steps, self.step)
+        window, start, first_step = Window(), time.perf_counter(), self.step
+        try:
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                loss_sum, samples, grad_norm, data_wait, busy = self.train_step()
+                self.step += 1
+                self.watchdog.step = self.step
+                window.add(loss_sum, samples, time.perf_counter() - t0, data_wait, busy)
+                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                    self.log_train(window, grad_norm, progress)
+                    window = Window()
+                progress.update(self.step)
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
+                    self.run_eval()
+                if self.checkpointer is not None and self.checkpointer.due(self.step) and self.step < self.total_steps:
+                    self.save_checkpoint()
+                if self.preemption is not None and self.preemption.should_stop():
+                    self.preemption.drain()
+                    log.warning("preemption signal: checkpointing at step %d and exiting for a requeue", self.step)
+                    self.save_checkpoint()
+                    return self.summary(start, first_step, preempted=True)
+        finally:
+            progress.close()
         if self.preemption is not None:
             self.preemption.drain()
         self.run_eval()
         if self.checkpointer is not None:
-            self.checkpointer.save(self, final=True)
-        return {"steps": self.step, "wall_s": time.perf_counter() - start, "eval": self.last_eval, "preempted": False}
+            self.save_checkpoint(final=True)
+        return self.summary(start, first_step, preempted=False)
 
     def train_step(self):
+        s, watchdog = self.strategy, self.watchdog
+        watchdog.phase = "data"
         t_data = time.perf_counter()
         batch, micro = self.loader.next_step()
         data_wait = time.perf_counter() - t_data
-        s = self.strategy
+        busy = data_wait
         set_lr(s.optimizer, lr_at(self.step, self.cfg.optim.lr, self.cfg.sched, self.total_steps))
         # each rank's loss is summed per sample and scaled so the gradient all-reduce's mean over
         # ranks yields the mean over the global batch, however it is split
@@ -98,57 +113,75 @@ class Trainer:
         last = len(micro) - 1
         for i, ((x, y), real) in enumerate(zip(micro, batch.real)):
             with s.sync(i == last):
+                watchdog.phase = "forward"
+                t_fwd = time.perf_counter()
                 with s.autocast():
                     total = per_sample_loss(self.meta["task"], s.model(x), y).sum()
+                busy += time.perf_counter() - t_fwd
+                watchdog.phase = "backward"
                 s.backward(total * (scale if real else 0.0))
             if real:
                 loss_sum += total.detach()
+        watchdog.phase = "optimizer"
         grad_norm = s.step(self.cfg.train.grad_clip)
-        if not torch.isfinite(grad_norm) and self.cfg.strategy.name != "deepspeed":
+        if not torch.isfinite(grad_norm):  # the strategy did not apply the update
             self.skipped_steps += 1
             if self.cfg.train.on_nonfinite == "stop":
-                raise NonFiniteError(f"non-finite gradient norm at step {self.step + 1}; the update was not applied "
-                                     "(train.on_nonfinite=skip would skip such steps)")
-            log.warning("step %d: non-finite gradient norm, update skipped (%d so far)", self.step + 1, self.skipped_steps)
-        return loss_sum, batch.global_size, grad_norm, data_wait
+                raise NonFiniteError(f"non-finite loss or gradient norm at step {self.step + 1}; the update was not "
+                                     "applied (train.on_nonfinite=skip skips such steps instead)")
+            log.warning("step %d: non-finite loss or gradient norm, update skipped (%d so far)",
+                        self.step + 1, self.skipped_steps)
+        return loss_sum, batch.global_size, grad_norm, data_wait, busy
 
-    def log_train(self, window: "_Window", grad_norm) -> None:
-        loss = window.global_mean_loss()
+    def log_train(self, window: Window, grad_norm, progress: Progress) -> None:
+        loss, busy = window.reduce(self.comm_device)
+        samples_per_s = window.samples / window.time
         record = {"step": self.step, "epoch": self.sampler.epoch, "split": "train", "loss": loss,
                   "lr": self.strategy.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
                   "step_time_s": window.time / window.steps, "data_wait_s": window.data_wait / window.steps,
-                  "samples_per_s": window.samples / window.time, "skipped_steps": self.skipped_steps}
+                  "samples_per_s": samples_per_s, "peak_memory_mb": peak_memory_mb(self.device),
+                  "skipped_steps": self.skipped_steps}
         if self.meta["task"] == "lm":
-            record["tokens_per_s"] = record["samples_per_s"] * self.meta["seq_len"]
+            record["tokens_per_s"] = samples_per_s * self.meta["seq_len"]
+        if self.flops_per_sample and self.peak_flops:
+            record["mfu"] = samples_per_s * self.flops_per_sample / (self.peak_flops * self.world_size)
         self.metrics.write(record)
-        log.info("step %d/%d  loss %.4f  lr %.3g  %.0f samples/s", self.step, self.total_steps, loss,
-                 record["lr"], record["samples_per_s"])
+        slow = stragglers(busy, self.cfg.log.straggler_factor)
+        if slow and self.rank == 0:
+            log.warning("straggler: rank(s) %s spend %s s per step on their own work (data + forward), median %.4f s",
+                        ", ".join(map(str, slow)), ", ".join(f"{busy[r]:.4f}" for r in slow), sorted(busy)[len(busy) // 2])
+        progress.update(self.step, loss=f"{loss:.4f}")
+        if not progress.active:
+            log.info("step %d/%d  loss %.4f  lr %.3g  %.0f samples/s", self.step, self.total_steps, loss,
+                     record["lr"], samples_per_s)
 
     def run_eval(self) -> dict:
+        self.watchdog.phase = "eval"
         result = evaluate(self.strategy, self.eval_set, self.meta["task"], self.cfg.data.eval_batch_size,
                           self.device, self.comm_device)
-        self.last_eval = result
+        self.last_eval = {"step": self.step, **result}
+        key = "accuracy" if "accuracy" in result else "loss"
+        better = max if key == "accuracy" else min
+        if self.best_eval is None or better(result[key], self.best_eval[key]) == result[key]:
+            self.best_eval = self.last_eval
         self.metrics.write({"step": self.step, "epoch": self.sampler.epoch, "split": "eval", **result})
         acc = f"  accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
         log.info("eval at step %d: loss %.4f%s (%d samples)", self.step, result["loss"], acc, result["samples"])
+        self.watchdog.phase = "data"
         return result
 
+    def save_checkpoint(self, final: bool = False) -> None:
+        self.watchdog.phase = "checkpoint"
+        self.checkpointer.save(self, final=final)
+        self.watchdog.phase = "data"
 
-class _Window:
-    """Training statistics between two log lines; one all-reduce per log line, none per step."""
-
-    def __init__(self, comm_device):
-        self.comm_device = comm_device
-        self.loss_sum, self.samples, self.steps, self.time, self.data_wait = 0.0, 0, 0, 0.0, 0.0
-
-    def add(self, loss_sum, samples, seconds, data_wait):
-        self.loss_sum = self.loss_sum + loss_sum
-        self.samples += samples
-        self.steps += 1
-        self.time += seconds
-        self.data_wait += data_wait
-
-    def global_mean_loss(self) -> float:
-        total = dist.all_reduce_sum(torch.as_tensor(self.loss_sum, dtype=torch.float64).reshape(1).to(self.comm_device))
-        value = total.item() / max(self.samples, 1)
-        return value if math.isfinite(value) else float("nan")
+    def summary(self, start: float, first_step: int, preempted: bool) -> dict:
+        wall = time.perf_counter() - start
+        steps = self.step - first_step
+        out = {"steps": self.step, "steps_this_run": steps, "wall_s": wall, "preempted": preempted,
+               "samples_per_s": steps * self.cfg.data.global_batch_size / wall if wall > 0 else None,
+               "skipped_steps": self.skipped_steps, "last_eval": self.last_eval, "best_eval": self.best_eval,
+               "checkpoint": self.checkpointer.latest_path() if self.checkpointer is not None else None}
+        if self.rank == 0 and self.metrics.enabled:
+            (self.cfg.run_dir / "summary.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+        return out

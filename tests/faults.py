@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -19,8 +20,9 @@ def _rank() -> int:
 
 
 class KillSwitch(nn.Module):
-    def __init__(self, net, kill_at, kill_eval_at, kill_on_save_after, marker, record):
+    def __init__(self, net, kill_at, kill_eval_at, kill_on_save_after, marker, record, hang_at=-1, hang_rank=0):
         super().__init__()
+        self.hang_at, self.hang_rank = hang_at, hang_rank
         self.net = net
         self.kill_at, self.kill_eval_at, self.kill_on_save_after = kill_at, kill_eval_at, kill_on_save_after
         self.marker, self.record = marker, record
@@ -36,6 +38,8 @@ class KillSwitch(nn.Module):
 
     def forward(self, x):
         if self.training:
+            if self.train_forwards == self.hang_at and _rank() == self.hang_rank:
+                threading.Event().wait()  # a hang: this rank never returns
             if self.train_forwards == self.kill_at:
                 self._die()
             self.train_forwards += 1
@@ -55,8 +59,9 @@ class KillSwitch(nn.Module):
 
 
 def killable_mlp(in_shape, num_classes: int, hidden: list = (32, 32), kill_at: int = -1, kill_eval_at: int = -1,
-                 kill_on_save_after: int = -1, marker: str = "", record: str = ""):
-    return KillSwitch(mlp(in_shape, num_classes, hidden), kill_at, kill_eval_at, kill_on_save_after, marker, record)
+                 kill_on_save_after: int = -1, marker: str = "", record: str = "", hang_at: int = -1, hang_rank: int = 0):
+    return KillSwitch(mlp(in_shape, num_classes, hidden), kill_at, kill_eval_at, kill_on_save_after, marker, record,
+                      hang_at, hang_rank)
 
 
 def indexed_digits(n_train: int = 384):
@@ -68,3 +73,11 @@ def indexed_digits(n_train: int = 384):
     x, y = x[:n_train].clone(), y[:n_train]
     x[:, 0, 0, 0] = torch.arange(n_train, dtype=x.dtype)
     return TensorDataset(x, y), evaluation, meta
+
+
+def warning_mlp(in_shape, num_classes: int, hidden: list = (32, 32)):
+    """Warns like a library would, on every rank."""
+    import warnings
+
+    warnings.warn("a library warning", UserWarning)
+    return mlp(in_shape, num_classes, hidden)

@@ -43,7 +43,7 @@ def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, capsys)
     newest.write_bytes(newest.read_bytes()[:1000])
     capsys.readouterr()
     assert train(run, "train.max_steps=20") == 0
-    out = capsys.readouterr().out
+    out = "".join(capsys.readouterr())
     assert f"checkpoint {newest.parent} is unreadable" in out and "model.pt has 1000 bytes" in out
     assert "resumed from" in out and "step_00000010 at step 10" in out
     ours, ref = final_weights(run), final_weights(reference)
@@ -59,7 +59,7 @@ def test_corrupt_bytes_of_the_same_size_fall_back(tmp_path, capsys):
     newest.write_bytes(bytes(data))
     capsys.readouterr()
     assert train(run, "train.max_steps=12") == 0
-    out = capsys.readouterr().out
+    out = "".join(capsys.readouterr())
     assert "step_00000010 is unreadable" in out and "step_00000005 at step 5" in out
 
 
@@ -93,7 +93,7 @@ def test_a_never_committed_directory_is_never_loaded(tmp_path, capsys):
     (ckpts / "latest").write_text("step_00000005\n")
     capsys.readouterr()
     assert train(run, "train.max_steps=12") == 0
-    assert "step_00000005 at step 5" in capsys.readouterr().out
+    assert "step_00000005 at step 5" in "".join(capsys.readouterr())
 
 
 def test_optimization_changes_are_refused_on_resume(tmp_path, capsys):

@@ -72,5 +72,6 @@ def test_print_config_resolves_overrides(capsys, tmp_path):
 
 
 def test_overrides_are_parsed_as_yaml():
-    cfg = load_config(DEMO, ["optim.betas=[0.8, 0.9]", "train.grad_clip=1", "run.name=x"])
+    cfg = load_config(DEMO, ["optim.betas=[0.8, 0.9]", "train.grad_clip=1", "run.name=x", "optim.lr=3e-4"])
     assert cfg.optim.betas == [0.8, 0.9] and cfg.train.grad_clip == 1.0 and cfg.run.name == "x"
+    assert cfg.optim.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string; a float field takes it

@@ -62,7 +62,7 @@ def test_bf16_on_two_ranks_learns_and_exports_fp32(strategy, tmp_path):
 
 def test_dp_without_gpus_runs_as_single(tmp_path, capsys):
     assert train_inprocess([*SHORT, f"run.dir={tmp_path / 'dp'}", "strategy.name=dp"]) == 0
-    assert "running as a single process" in capsys.readouterr().out
+    assert "running as a single process" in capsys.readouterr().err
     assert train_inprocess([*SHORT, f"run.dir={tmp_path / 'single'}", "strategy.name=single"]) == 0
     a, b = final_weights(tmp_path / "dp"), final_weights(tmp_path / "single")
     assert all(a[k].equal(b[k]) for k in a)

@@ -27,10 +27,12 @@ def deepspeed_config(ctx) -> dict:
         "managed_gradient_accumulation": False,
         "gradient_clipping": cfg.train.grad_clip or 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": ctx.precision == "bf16"},
+        # a non-finite gradient norm skips the step (fp32 and fp16 do so already)
+        "bf16": {"enabled": ctx.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": ctx.precision == "fp16"},
         # a torch optimizer is passed in: offload must not swap it for DeepSpeedCPUAdam, which compiles C++
         "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,  # torch's SGD and RMSprop shard like Adam
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -47,7 +49,9 @@ class DeepSpeed:
         import deepspeed
 
         from ..cluster import export_for_libraries
+        from ..log import adopt_library_logger
 
+        adopt_library_logger("DeepSpeed")
         export_for_libraries(self.ctx.env)
         if self.ctx.device.type == "cpu":
             # the shared-memory comm op JIT-compiles C++ for ~30 s on first use; gloo does the job

@@ -1,0 +1,71 @@
+"""What the loop measures: windows of training statistics, peak memory, model FLOPs
+utilisation and stragglers. One all-reduce per log line, none per step."""
+from __future__ import annotations
+
+import math
+import resource
+
+import torch
+
+from . import dist
+
+# dense bf16/fp16 tensor-core peaks, FLOP/s, by device name as CUDA reports it (most specific first)
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12),
+]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+
+
+def flops_per_sample(module, meta: dict) -> float | None:
+    """Training FLOPs per sample, for models that know theirs (the GPT: per token x tokens)."""
+    if hasattr(module, "flops_per_token") and "seq_len" in meta:
+        return module.flops_per_token() * meta["seq_len"]
+    return None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Window:
+    """Training statistics between two log lines."""
+
+    def __init__(self):
+        self.loss_sum, self.samples, self.steps = 0.0, 0, 0
+        self.time = self.data_wait = self.busy = 0.0
+
+    def add(self, loss_sum, samples: int, seconds: float, data_wait: float, busy: float) -> None:
+        self.loss_sum = self.loss_sum + loss_sum  # a device tensor: no sync per step
+        self.samples += samples
+        self.steps += 1
+        self.time += seconds
+        self.data_wait += data_wait
+        self.busy += busy
+
+    def reduce(self, comm_device) -> tuple[float, list[float]]:
+        """(global mean loss, per-rank busy seconds per step), in one all-reduce."""
+        w, r = dist.world_size(), dist.rank()
+        buf = torch.zeros(1 + w, dtype=torch.float64)
+        buf[0] = float(self.loss_sum)
+        buf[1 + r] = self.busy / max(self.steps, 1)
+        buf = dist.all_reduce_sum(buf.to(comm_device)).cpu()
+        loss = buf[0].item() / max(self.samples, 1)
+        return (loss if math.isfinite(loss) else float("nan")), buf[1:].tolist()
+
+
+def stragglers(busy: list[float], factor: float) -> list[int]:
+    """Ranks whose own work per step (data wait + forward) exceeds `factor` x the median."""
+    if factor <= 0 or len(busy) < 2:
+        return []
+    median = sorted(busy)[len(busy) // 2]
+    return [r for r, t in enumerate(busy) if median > 0 and t > factor * median]

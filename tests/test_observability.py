@@ -1,0 +1,129 @@
+"""Logs, metrics, TensorBoard, plots, the hang watchdog and the non-finite guard."""
+import json
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import CONFIGS, metrics, run_train
+
+DIGITS = ["--config", CONFIGS / "digits_mlp.yaml", "train.epochs=null", "checkpoint.every_steps=0",
+          "model.hidden=[32,32]"]
+
+
+def test_two_rank_console_logs_metrics_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("a language model learns the patterns of its corpus. " * 300)
+    run = tmp_path / "run"
+    proc = run_train(["--config", CONFIGS / "gpt_tiny.yaml", f"run.dir={run}", f"data.path={text}",
+                      "train.max_steps=20", "train.log_every=5", "train.eval_every=10", "data.global_batch_size=8",
+                      "strategy.name=ddp", "log.tensorboard=true", "log.progress=off"], nproc=2)
+    out = proc.stdout
+    assert out.count("step 5/20") == 1 and out.count("eval at step 10") == 1  # rank 0's lines, once
+    assert "[rank1]" not in out
+    for rank in (0, 1):
+        lines = (run / "logs" / f"rank{rank}.log").read_text().splitlines()
+        assert lines and all(f"[rank{rank}]" in line for line in lines if line[:2] == "20")
+    assert "step 5/20" in (run / "logs" / "rank0.log").read_text()
+    train = metrics(run, "train")
+    assert [r["step"] for r in train] == [5, 10, 15, 20]
+    for r in train:
+        assert 0 < r["loss"] < 10 and r["lr"] > 0 and r["grad_norm"] > 0 and r["samples_per_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(r["samples_per_s"] * 64)
+        assert 0 < r["step_time_s"] < 60 and 0 <= r["data_wait_s"] <= r["step_time_s"]
+        assert r["peak_memory_mb"] > 50 and r["skipped_steps"] == 0
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert [e["step"] for e in metrics(run, "eval")] == [10, 20]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["best_eval"]["step"] in (10, 20)
+    assert summary["checkpoint"].endswith("step_00000020")
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [5, 10, 15, 20]
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([r["loss"] for r in train])
+    assert "eval/accuracy" in acc.Tags()["scalars"]
+
+
+def test_library_warnings_reach_the_console_once(tmp_path):
+    run = tmp_path / "run"
+    proc = run_train([*DIGITS, f"run.dir={run}", "train.max_steps=4", "strategy.name=ddp",
+                      "model.name=tests.faults:warning_mlp"], nproc=2)
+    console = proc.stdout + proc.stderr
+    assert console.count("UserWarning: a library warning") == 1
+    for rank in (0, 1):
+        assert "a library warning" in (run / "logs" / f"rank{rank}.log").read_text()
+
+
+def test_plot_two_runs(tmp_path):
+    import matplotlib.image
+
+    from distrain.cli import main
+
+    for name, lr in (("a", "0.003"), ("b", "0.01")):
+        run_train([*DIGITS, f"run.dir={tmp_path / name}", "train.max_steps=20", "train.log_every=4",
+                   "train.eval_every=10", "strategy.name=single", f"optim.lr={lr}"])
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    image = matplotlib.image.imread(out)
+    assert image.shape[:2] == (450, 1500)
+    assert image[..., :3].std() > 0.05  # not a blank canvas
+    assert main(["plot", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_watchdog_names_the_hung_rank_well_before_the_collective_timeout(tmp_path):
+    run = tmp_path / "run"
+    start = time.monotonic()
+    proc = run_train([*DIGITS, f"run.dir={run}", "train.max_steps=40", "strategy.name=ddp",
+                      "model.name=tests.faults:killable_mlp", "model.hang_at=6", "model.hang_rank=1",
+                      "log.watchdog_s=3", "strategy.timeout_s=600"], nproc=2, check=False, timeout=300)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0 and elapsed < 120
+    assert "rank(s) 1 did not reach the step" in proc.stderr
+    for rank in (0, 1):
+        text = (run / "logs" / f"rank{rank}.log").read_text()
+        assert f"Python stacks of rank {rank}" in text and 'File "' in text
+    assert "faults.py" in (run / "logs" / "rank1.log").read_text()  # the hung frame is in the dump
+
+
+@pytest.mark.parametrize("strategy, nproc", [("single", 0), ("deepspeed", 2)])
+def test_exploding_lr_skip_mode_finishes_without_nan_checkpoints(strategy, nproc, tmp_path):
+    run = tmp_path / "run"
+    run_train([*explode(run, strategy), "train.on_nonfinite=skip"], nproc=nproc)
+    assert metrics(run, "train")[-1]["skipped_steps"] > 0
+    assert_no_nan_checkpoint(run)
+
+
+@pytest.mark.parametrize("strategy, nproc", [("single", 0), ("deepspeed", 2)])
+def test_exploding_lr_stop_mode_fails_without_nan_checkpoints(strategy, nproc, tmp_path):
+    run = tmp_path / "run"
+    proc = run_train([*explode(run, strategy), "train.on_nonfinite=stop"], nproc=nproc, check=False)
+    assert proc.returncode != 0 and "non-finite loss or gradient norm at step" in proc.stderr
+    assert_no_nan_checkpoint(run)
+
+
+def explode(run, strategy):
+    return [*DIGITS, f"run.dir={run}", "train.max_steps=12", "optim.name=sgd", "optim.lr=1e30",
+            "sched.name=constant", "sched.warmup_steps=0", "checkpoint.every_steps=1", f"strategy.name={strategy}"]
+
+
+def assert_no_nan_checkpoint(run):
+    files = list(run.glob("checkpoints/step_*/**/*.pt")) + list(run.glob("final/*.pt"))
+    for f in files:
+        state = torch.load(f, weights_only=False)
+        for t in tensors(state):
+            assert torch.isfinite(t).all(), f
+
+
+def tensors(obj):
+    if torch.is_tensor(obj):
+        if obj.is_floating_point():
+            yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors(v)
