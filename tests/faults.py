@@ -20,9 +20,10 @@ def _rank() -> int:
 
 
 class KillSwitch(nn.Module):
-    def __init__(self, net, kill_at, kill_eval_at, kill_on_save_after, marker, record, hang_at=-1, hang_rank=0):
+    def __init__(self, net, kill_at, kill_eval_at, kill_on_save_after, marker, record, hang_at=-1, hang_rank=0,
+                 kill_rank=-1):
         super().__init__()
-        self.hang_at, self.hang_rank = hang_at, hang_rank
+        self.hang_at, self.hang_rank, self.kill_rank = hang_at, hang_rank, kill_rank
         self.net = net
         self.kill_at, self.kill_eval_at, self.kill_on_save_after = kill_at, kill_eval_at, kill_on_save_after
         self.marker, self.record = marker, record
@@ -31,6 +32,8 @@ class KillSwitch(nn.Module):
     def _die(self) -> None:
         # once per run: a rank that the launcher took down before it got here must not die on the relaunch
         marker = Path(f"{self.marker}.rank{_rank()}")
+        if self.kill_rank >= 0 and _rank() != self.kill_rank:
+            return
         if not self.marker or list(marker.parent.glob(f"{marker.name.rsplit('.', 1)[0]}.rank*")):
             return
         marker.write_text("killed")
@@ -59,9 +62,10 @@ class KillSwitch(nn.Module):
 
 
 def killable_mlp(in_shape, num_classes: int, hidden: list = (32, 32), kill_at: int = -1, kill_eval_at: int = -1,
-                 kill_on_save_after: int = -1, marker: str = "", record: str = "", hang_at: int = -1, hang_rank: int = 0):
+                 kill_on_save_after: int = -1, marker: str = "", record: str = "", hang_at: int = -1, hang_rank: int = 0,
+                 kill_rank: int = -1):
     return KillSwitch(mlp(in_shape, num_classes, hidden), kill_at, kill_eval_at, kill_on_save_after, marker, record,
-                      hang_at, hang_rank)
+                      hang_at, hang_rank, kill_rank)
 
 
 def indexed_digits(n_train: int = 384):
