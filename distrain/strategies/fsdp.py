@@ -38,6 +38,9 @@ class Fsdp:
         self.module = module
         self.model = common.maybe_compile(module, self.ctx.compile)
         self.optimizer = make_optimizer(module.parameters())
+        # background checkpoint writes plan over their own group, never interleaving with training collectives
+        self.checkpoint_group = torch.distributed.new_group(backend="gloo") if self.ctx.cfg.checkpoint.async_save \
+            else None
 
     def sync(self, enabled: bool):
         # accumulation micro-steps skip the reduce-scatter; the last one does it
@@ -60,6 +63,13 @@ class Fsdp:
     def save(self, path) -> None:
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / "dcp"))
+
+    def save_async(self, path):
+        """Stage the state in CPU memory (training waits only for this), write it in the background.
+        Returns a future; the checkpoint is committed once it is done."""
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        return dcp.async_save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / "dcp"),
+                              process_group=self.checkpoint_group)
 
     def load(self, path) -> None:
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
