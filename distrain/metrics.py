@@ -41,11 +41,11 @@ class Window:
     """Training statistics between two log lines."""
 
     def __init__(self):
-        self.loss_sum, self.samples, self.steps = 0.0, 0, 0
+        self.losses, self.samples, self.steps = [], 0, 0
         self.time = self.data_wait = self.busy = 0.0
 
-    def add(self, loss_sum, samples: int, seconds: float, data_wait: float, busy: float) -> None:
-        self.loss_sum = self.loss_sum + loss_sum  # a device tensor: no sync per step
+    def add(self, losses: list, samples: int, seconds: float, data_wait: float, busy: float) -> None:
+        self.losses += losses  # (device tensor, count) pairs: no sync, no kernel per step
         self.samples += samples
         self.steps += 1
         self.time += seconds
@@ -56,7 +56,9 @@ class Window:
         """(global mean loss, per-rank busy seconds per step), in one all-reduce."""
         w, r = dist.world_size(), dist.rank()
         buf = torch.zeros(1 + w, dtype=torch.float64)
-        buf[0] = float(self.loss_sum)
+        if self.losses:
+            means = torch.stack([m.float() for m, _ in self.losses]).double().cpu()
+            buf[0] = (means * torch.tensor([n for _, n in self.losses], dtype=torch.float64)).sum()
         buf[1 + r] = self.busy / max(self.steps, 1)
         buf = dist.all_reduce_sum(buf.to(comm_device)).cpu()
         loss = buf[0].item() / max(self.samples, 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 
 import torch
@@ -16,7 +17,7 @@ from .evaluate import evaluate
 from .metrics import Window, flops_per_sample, peak_flops, peak_memory_mb, stragglers
 from .optim import lr_at, set_lr
 from .progress import Progress
-from .tasks import per_sample_loss
+from .tasks import mean_loss
 from .watchdog import NoWatchdog
 
 log = logging.getLogger("distrain")
@@ -72,10 +73,10 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
-                loss_sum, samples, grad_norm, data_wait, busy = self.train_step()
+                losses, samples, grad_norm, data_wait, busy = self.train_step()
                 self.step += 1
                 self.watchdog.step = self.step
-                window.add(loss_sum, samples, time.perf_counter() - t0, data_wait, busy)
+                window.add(losses, samples, time.perf_counter() - t0, data_wait, busy)
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                     self.log_train(window, grad_norm, progress)
                     window = Window()
@@ -106,32 +107,33 @@ class Trainer:
         data_wait = time.perf_counter() - t_data
         busy = data_wait
         set_lr(s.optimizer, lr_at(self.step, self.cfg.optim.lr, self.cfg.sched, self.total_steps))
-        # each rank's loss is summed per sample and scaled so the gradient all-reduce's mean over
-        # ranks yields the mean over the global batch, however it is split
-        scale = self.world_size / batch.global_size
-        loss_sum = torch.zeros((), device=self.device)
+        losses = []  # (micro-batch mean loss, samples) pairs, summed only at log lines
         last = len(micro) - 1
         for i, ((x, y), real) in enumerate(zip(micro, batch.real)):
             with s.sync(i == last):
                 watchdog.phase = "forward"
                 t_fwd = time.perf_counter()
                 with s.autocast():
-                    total = per_sample_loss(self.meta["task"], s.model(x), y).sum()
+                    loss = mean_loss(self.meta["task"], s.model(x), y)
                 busy += time.perf_counter() - t_fwd
                 watchdog.phase = "backward"
-                s.backward(total * (scale if real else 0.0))
+                # weight each micro-batch by its share of the global batch, so that the gradient mean
+                # over ranks is the mean over the global batch however it is split (1.0: one micro-batch
+                # per rank and equal shares, the common case, where this is the plain mean loss)
+                weight = real * self.world_size / batch.global_size
+                s.backward(loss if weight == 1.0 else loss * weight)
             if real:
-                loss_sum += total.detach()
+                losses.append((loss.detach(), real))
         watchdog.phase = "optimizer"
         grad_norm = s.step(self.cfg.train.grad_clip)
-        if not torch.isfinite(grad_norm):  # the strategy did not apply the update
+        if not math.isfinite(grad_norm):  # the strategy did not apply the update
             self.skipped_steps += 1
             if self.cfg.train.on_nonfinite == "stop":
                 raise NonFiniteError(f"non-finite loss or gradient norm at step {self.step + 1}; the update was not "
                                      "applied (train.on_nonfinite=skip skips such steps instead)")
             log.warning("step %d: non-finite loss or gradient norm, update skipped (%d so far)",
                         self.step + 1, self.skipped_steps)
-        return loss_sum, batch.global_size, grad_norm, data_wait, busy
+        return losses, batch.global_size, grad_norm, data_wait, busy
 
     def log_train(self, window: Window, grad_norm, progress: Progress) -> None:
         loss, busy = window.reduce(self.comm_device)

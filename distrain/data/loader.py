@@ -23,8 +23,10 @@ class StepLoader:
     def next_step(self) -> tuple[StepBatch, list[tuple]]:
         if self.num_workers == 0 and isinstance(self.dataset, TensorDataset):
             step = self.sampler.next_step()
-            return step, [tuple(t[i].to(self.device, non_blocking=True) for t in self.dataset.tensors)
-                          for i in step.micro_batches]
+            tensors = self.dataset.tensors
+            if tensors[0].device == self.device:
+                return step, [tuple(t[i] for t in tensors) for i in step.micro_batches]
+            return step, [tuple(t[i].to(self.device, non_blocking=True) for t in tensors) for i in step.micro_batches]
         if self._iter is None:
             self._iter = self._worker_stream()
         return next(self._iter)

@@ -58,6 +58,11 @@ class ResumableSampler:
             self._perm, self._perm_epoch = epoch_permutation(self.n, self.seed, self.epoch), self.epoch
         size = min(self.global_batch, self.n - self.position)
         batch = self._perm[self.position : self.position + size]
+        self.position += size
+        if size == self.global_batch and self.global_batch == self.micro_batch * self.world_size:
+            # the common case, kept cheap: one full micro-batch per rank
+            mine = batch[self.rank * self.micro_batch : (self.rank + 1) * self.micro_batch]
+            return StepBatch([mine], [self.micro_batch], size)
         lo, hi = even_slice(size, self.world_size, self.rank)
         mine = batch[lo:hi]
         largest_share = even_slice(size, self.world_size, 0)[1]
@@ -65,7 +70,6 @@ class ResumableSampler:
         micro = [mine[i * self.micro_batch : (i + 1) * self.micro_batch] for i in range(n_micro)]
         real = [len(m) for m in micro]
         micro = [m if len(m) else batch[:1] for m in micro]
-        self.position += size
         return StepBatch(micro, real, size)
 
     @property

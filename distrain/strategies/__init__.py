@@ -40,7 +40,7 @@ class Strategy(Protocol):
     def sync(self, enabled: bool) -> ContextManager: ...  # gradient sync on/off for this micro-step
     def autocast(self) -> ContextManager: ...
     def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self, grad_clip: float | None) -> torch.Tensor: ...  # returns the gradient norm
+    def step(self, grad_clip: float | None) -> float: ...  # the gradient norm; no update if non-finite
     def full_model_state(self) -> dict: ...  # consolidated on rank 0; collective
     def save(self, path: Path) -> None: ...  # collective
     def load(self, path: Path) -> None: ...  # collective

@@ -3,6 +3,7 @@ step with clipping and the non-finite check, and plain-file model/optimizer chec
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ def grad_scaler(device: torch.device, precision: str):
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
-def optimizer_step(optimizer, params, grad_clip: float | None, scaler=None) -> torch.Tensor:
+def optimizer_step(optimizer, params: list, grad_clip: float | None, scaler=None) -> float:
     """Clip, then step unless the gradient norm is non-finite; always leaves grads cleared.
 
     Returns the pre-clip global gradient norm (inf/nan when the step was skipped). The
@@ -29,19 +30,29 @@ def optimizer_step(optimizer, params, grad_clip: float | None, scaler=None) -> t
     """
     if scaler is not None:
         scaler.unscale_(optimizer)
-    params = [p for p in params if p.grad is not None]
-    norm = nn.utils.get_total_norm([p.grad for p in params])
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the norm over all shards
-        norm = norm.full_tensor()
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = total_norm(grads)
     if grad_clip:
-        nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+        nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], grad_clip, norm)
+    value = norm.item()
     if scaler is not None:
         scaler.step(optimizer)  # GradScaler skips on inf itself and lowers its scale
         scaler.update()
-    elif torch.isfinite(norm):
+    elif math.isfinite(value):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm.detach()
+    return value
+
+
+def total_norm(grads: list) -> torch.Tensor:
+    """The global L2 norm of the gradients (over all shards under FSDP2)."""
+    if not grads:
+        return torch.zeros(())
+    if any(hasattr(g, "full_tensor") for g in grads):
+        norm = nn.utils.get_total_norm(grads)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    # one fused kernel per dtype/device group; get_total_norm's grouping costs more than the math here
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
 
 
 def maybe_compile(module: nn.Module, enabled: bool) -> nn.Module:

@@ -76,8 +76,8 @@ class DeepSpeed:
 
     def step(self, grad_clip):
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return torch.tensor(float("nan") if norm is None else float(norm))
+        norm = self.engine.get_global_grad_norm()  # inf when DeepSpeed skipped a non-finite step
+        return float("nan") if norm is None else float(norm)
 
     def full_model_state(self) -> dict:
         """fp32 master weights (not the 16-bit compute copy), gathered over ranks; collective."""

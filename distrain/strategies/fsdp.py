@@ -37,7 +37,8 @@ class Fsdp:
         fully_shard(module, mp_policy=mp)
         self.module = module
         self.model = common.maybe_compile(module, self.ctx.compile)
-        self.optimizer = make_optimizer(module.parameters())
+        self.params = list(module.parameters())
+        self.optimizer = make_optimizer(self.params)
         # background checkpoint writes plan over their own group, never interleaving with training collectives
         self.checkpoint_group = torch.distributed.new_group(backend="gloo") if self.ctx.cfg.checkpoint.async_save \
             else None
@@ -54,7 +55,7 @@ class Fsdp:
         loss.backward()
 
     def step(self, grad_clip):
-        return common.optimizer_step(self.optimizer, self.module.parameters(), grad_clip)
+        return common.optimizer_step(self.optimizer, self.params, grad_clip)
 
     def full_model_state(self) -> dict:
         """The unsharded state on rank 0 (others get an empty dict); every rank must call it."""

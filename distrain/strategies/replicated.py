@@ -39,7 +39,8 @@ class Replicated:
         self.module = module.to(self.ctx.device)
         self.wrapped = self.wrap(self.module, self.ctx)
         self.model = common.maybe_compile(self.wrapped, self.ctx.compile)
-        self.optimizer = make_optimizer(self.module.parameters())
+        self.params = list(self.module.parameters())
+        self.optimizer = make_optimizer(self.params)
 
     def sync(self, enabled: bool):
         # DDP: accumulation micro-steps keep gradients local; only the last one all-reduces
@@ -54,7 +55,7 @@ class Replicated:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self, grad_clip):
-        return common.optimizer_step(self.optimizer, self.module.parameters(), grad_clip, self.scaler)
+        return common.optimizer_step(self.optimizer, self.params, grad_clip, self.scaler)
 
     def full_model_state(self) -> dict:
         return self.module.state_dict()

@@ -1,0 +1,144 @@
+"""Checkpoint throughput: distrain's save/load path vs a raw torch.save / torch.load of the
+same state on the same disk, and DCP async save's blocking time vs a synchronous save.
+
+    python bench/checkpoint.py [--mb 256] [--rounds 5]
+    python -m torch.distributed.run --standalone --nproc_per_node=2 bench/checkpoint.py --async-case
+
+distrain's save includes what the raw save does not: the per-rank RNG files, the trainer
+state, the manifest, fsync of every file and the atomic commit. Its load includes the
+integrity checks (sizes, zip CRCs, pickled-globals vetting). The raw figures are given with
+and without fsync, since a checkpoint that is not on disk is not a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def model_of(mb: int) -> torch.nn.Module:
+    width = 1024
+    layers = max(1, mb * 2**20 // (4 * 3 * width * width))  # weights + Adam's two moments
+    return torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+
+
+def adam_state(model):
+    opt = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    return opt
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def single_process(mb: int, rounds: int) -> None:
+    from distrain.checkpoint import Checkpointer
+    from distrain.cluster import ClusterEnv
+    from distrain.config import load_config
+    from distrain.strategies import StrategyContext, build_strategy
+
+    root = Path(__file__).resolve().parents[1]
+    model = model_of(mb)
+    size = sum(p.numel() * 4 * 3 for p in model.parameters()) / 2**20
+    results = {"raw save": [], "raw save+fsync": [], "distrain save": [], "raw load": [], "distrain load": []}
+    with tempfile.TemporaryDirectory(dir=".") as d:
+        cfg = load_config(str(root / "configs" / "digits_mlp.yaml"), [f"run.dir={d}/run", "strategy.name=single",
+                                                                       "checkpoint.keep_last=1"])
+        env = ClusterEnv()
+        strategy = build_strategy(StrategyContext(cfg, env, torch.device("cpu"), "gloo", 64, 1))
+        strategy.setup(model, lambda params: adam_state(model))
+        trainer = SimpleNamespace(strategy=strategy, comm_device=torch.device("cpu"), step=0,
+                                  state_dict=lambda: {"step": trainer.step, "data": {"epoch": 0, "position": 0}},
+                                  load_state_dict=lambda s: None, sampler=SimpleNamespace(epoch=0, position=0))
+        ckpt = Checkpointer(cfg, env)
+        state = {"model": model.state_dict(), "optimizer": strategy.optimizer.state_dict()}
+        for r in range(rounds):
+            raw = Path(d) / f"raw{r}.pt"
+            t = time.perf_counter(); torch.save(state, raw); results["raw save"].append(time.perf_counter() - t)
+            raw2 = Path(d) / f"raw{r}b.pt"
+            t = time.perf_counter(); torch.save(state, raw2); fsync(raw2)
+            results["raw save+fsync"].append(time.perf_counter() - t)
+            trainer.step = r + 1
+            t = time.perf_counter(); ckpt.save(trainer); results["distrain save"].append(time.perf_counter() - t)
+            t = time.perf_counter(); torch.load(raw, weights_only=True); results["raw load"].append(time.perf_counter() - t)
+            path = Path(ckpt.latest_path())
+            t = time.perf_counter(); ckpt._try_load(path, trainer); results["distrain load"].append(time.perf_counter() - t)
+            raw.unlink(); raw2.unlink()
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"state {size:.0f} MiB, {rounds} rounds, medians:")
+    for k, v in med.items():
+        print(f"  {k:16s} {v:7.3f} s   {size / v:8.0f} MiB/s")
+    print(f"save throughput distrain / raw: {med['raw save'] / med['distrain save']:.2f}x "
+          f"(vs raw+fsync: {med['raw save+fsync'] / med['distrain save']:.2f}x; target >= 0.9)")
+    print(f"load throughput distrain / raw: {med['raw load'] / med['distrain load']:.2f}x (target >= 0.9)")
+
+
+def async_case(mb: int, rounds: int) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    model = model_of(mb)
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = adam_state(model)
+    group = dist.new_group(backend="gloo")
+    sync_s, async_s = [], []
+    d = Path(__file__).resolve().parent / "out" / "dcp"  # one path for all ranks
+    if dist.get_rank() == 0:
+        shutil.rmtree(d, ignore_errors=True)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(d, ignore_errors=True)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(d, ignore_errors=True)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(d, ignore_errors=True)
+    dist.barrier()
+    for r in range(rounds):
+            ms, os_ = get_state_dict(model, opt)
+            dist.barrier(); t = time.perf_counter()
+            dcp.save({"model": ms, "optim": os_}, checkpoint_id=f"{d}/sync{r}")
+            dist.barrier(); sync_s.append(time.perf_counter() - t)
+            ms, os_ = get_state_dict(model, opt)
+            dist.barrier(); t = time.perf_counter()
+            future = dcp.async_save({"model": ms, "optim": os_}, checkpoint_id=f"{d}/async{r}", process_group=group)
+            async_s.append(time.perf_counter() - t)  # training resumes here
+            future.result()
+            dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(d, ignore_errors=True)
+        s, a = statistics.median(sync_s), statistics.median(async_s)
+        print(f"DCP 2 ranks, ~{mb} MiB state: sync save {s:.3f} s, async blocking {a:.3f} s = {a / s:.1%} of sync "
+              f"(target <= 10%)")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mb", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--async-case", action="store_true")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    async_case(a.mb, a.rounds) if a.async_case else single_process(a.mb, a.rounds)

@@ -1,0 +1,91 @@
+"""Shared pieces of the benchmarks: the hand-written reference loop, running distrain in
+the same process, and the statistics (medians of interleaved rounds, min-max spread)."""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from distrain.data.datasets import digits
+from distrain.data.sampler import epoch_permutation, even_slice
+from distrain.models.vision import cnn, mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+LOG_EVERY = 25
+MODELS = {
+    "mlp": (lambda: mlp((1, 8, 8), 10, [256, 256]), ["model.name=mlp", "model.hidden=[256,256]"]),
+    "convnet": (lambda: cnn((1, 8, 8), 10), ["model.name=cnn"]),
+}
+
+
+def hand_written(model_name: str, steps: int, batch: int, seed: int = 0, lr: float = 1e-3, ddp: bool = False):
+    """What a user writes by hand: same data order (one permutation per epoch), same init.
+    Returns (per-step seconds, final state_dict)."""
+    torch.manual_seed(seed)
+    model = MODELS[model_name][0]()
+    net = model
+    rank, world = 0, 1
+    if ddp:
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    x, y = digits()[0].tensors
+    n, times, epoch, pos = len(x), [], 0, 0
+    perm = epoch_permutation(n, seed, epoch)
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        if pos >= n:
+            epoch, pos = epoch + 1, 0
+            perm = epoch_permutation(n, seed, epoch)
+        size = min(batch, n - pos)
+        lo, hi = even_slice(size, world, rank)
+        idx = perm[pos : pos + size][lo:hi]
+        pos += size
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def with_distrain(model_name: str, steps: int, batch: int, seed: int = 0, lr: float = 1e-3, strategy: str = "single"):
+    """distrain's own loop through its CLI entry, in this process. Step times are distrain's
+    `step_time_s` (data, forward, backward, norm/guard, optimizer step), each the mean of a
+    window of LOG_EVERY steps, as a user would log (logging every step costs more than the step)."""
+    from distrain.train import main
+
+    with tempfile.TemporaryDirectory() as d:
+        code = main(["--config", str(ROOT / "configs" / "digits_mlp.yaml"), *MODELS[model_name][1],
+                     f"run.dir={d}", f"run.seed={seed}", "train.epochs=null", f"train.max_steps={steps}",
+                     f"train.log_every={LOG_EVERY}", "train.eval_every=0", "checkpoint.every_steps=0", f"optim.lr={lr}",
+                     "optim.weight_decay=0.01", "sched.name=constant", "sched.warmup_steps=0",
+                     f"data.global_batch_size={batch}", f"strategy.name={strategy}", "log.level=warning"])
+        assert code == 0, f"distrain exited {code}"
+        rows = [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+        times = [r["step_time_s"] for r in rows if r["split"] == "train" and r["step"] % LOG_EVERY == 0]
+        weights = torch.load(Path(d) / "final" / "model.pt", weights_only=True)
+    return times, weights
+
+
+def steady(times: list[float], warmup_steps: int = 50) -> float:
+    """Median step time after warm-up; hand-written per-step times are first averaged in the
+    same windows distrain logs, so both sides are medians of window means."""
+    if len(times) > 200:  # per-step (hand-written): window means like distrain's
+        times = [statistics.fmean(times[i : i + LOG_EVERY]) for i in range(0, len(times), LOG_EVERY)]
+    return statistics.median(times[max(1, warmup_steps // LOG_EVERY):])
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def ratio_line(name: str, ratios: list[float], target: float | None = None) -> str:
+    med = statistics.median(ratios)
+    verdict = "" if target is None else ("  (target <= %.2f: %s)" % (target, "met" if med <= target else "MISSED"))
+    return f"{name}: median ratio {med:.4f}, min {min(ratios):.4f}, max {max(ratios):.4f} over {len(ratios)} rounds{verdict}"
