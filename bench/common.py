@@ -3,6 +3,7 @@ the same process, and the statistics (medians of interleaved rounds, min-max spr
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -47,6 +48,8 @@ def hand_written(model_name: str, steps: int, batch: int, seed: int = 0, lr: flo
         idx = perm[pos : pos + size][lo:hi]
         pos += size
         loss = F.cross_entropy(net(x[idx]), y[idx])
+        if len(idx) * world != size:  # the epoch's short last batch splits unevenly: weight by share
+            loss = loss * (len(idx) * world / size)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -61,15 +64,23 @@ def with_distrain(model_name: str, steps: int, batch: int, seed: int = 0, lr: fl
     from distrain.train import main
 
     with tempfile.TemporaryDirectory() as d:
-        code = main(["--config", str(ROOT / "configs" / "digits_mlp.yaml"), *MODELS[model_name][1],
-                     f"run.dir={d}", f"run.seed={seed}", "train.epochs=null", f"train.max_steps={steps}",
+        if strategy != "single":  # every rank must see the same run dir
+            d = str(ROOT / "bench" / "out" / "ddp")
+            if torch.distributed.get_rank() == 0:
+                shutil.rmtree(d, ignore_errors=True)
+                Path(d).mkdir(parents=True)
+            torch.distributed.barrier()
+        base = Path(d) / "base.yaml"  # the demo's data, no model section: the model comes from MODELS
+        base.write_text("data: {name: digits}\noptim: {name: adamw}\n")
+        code = main(["--config", str(base), *MODELS[model_name][1],
+                     f"run.dir={d}/run", f"run.seed={seed}", "train.epochs=null", f"train.max_steps={steps}",
                      f"train.log_every={LOG_EVERY}", "train.eval_every=0", "checkpoint.every_steps=0", f"optim.lr={lr}",
                      "optim.weight_decay=0.01", "sched.name=constant", "sched.warmup_steps=0",
                      f"data.global_batch_size={batch}", f"strategy.name={strategy}", "log.level=warning"])
         assert code == 0, f"distrain exited {code}"
-        rows = [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
         times = [r["step_time_s"] for r in rows if r["split"] == "train" and r["step"] % LOG_EVERY == 0]
-        weights = torch.load(Path(d) / "final" / "model.pt", weights_only=True)
+        weights = torch.load(Path(d) / "run" / "final" / "model.pt", weights_only=True)
     return times, weights
 
 

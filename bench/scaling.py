@@ -24,14 +24,16 @@ MODELS = {"mlp": ["model.name=mlp", "model.hidden=[256,256]"], "convnet": ["mode
 
 def throughput(model: str, ranks: int, steps: int, per_rank: int) -> float:
     with tempfile.TemporaryDirectory() as d:
+        base = Path(d) / "base.yaml"  # the demo's data, no model section: the model comes from MODELS
+        base.write_text("data: {name: digits}\noptim: {name: adamw}\n")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "distrain.train", "--config", str(ROOT / "configs" / "digits_mlp.yaml"), *MODELS[model],
-               f"run.dir={d}", "train.epochs=null", f"train.max_steps={steps}", "train.log_every=50",
+               "-m", "distrain.train", "--config", str(base), *MODELS[model],
+               f"run.dir={d}/run", "train.epochs=null", f"train.max_steps={steps}", "train.log_every=50",
                "train.eval_every=0", "checkpoint.every_steps=0", "strategy.name=ddp",
                f"data.global_batch_size={per_rank * ranks}", "log.level=warning"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
         subprocess.run(cmd, check=True, capture_output=True, env=env)
-        rows = [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
         windows = [r["samples_per_s"] for r in rows if r["split"] == "train" and r["step"] % 50 == 0][1:]
         return statistics.median(windows)
 
