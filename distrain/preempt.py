@@ -6,6 +6,7 @@ Every rank sees the same answer at the same step, so all of them checkpoint toge
 """
 from __future__ import annotations
 
+import os
 import signal
 
 import torch
@@ -24,6 +25,9 @@ class Preemption:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal: whoever sends it means "now" (e.g. torchrun tearing down)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         self.requested = True  # nothing else here: no I/O, no collectives, no locks
 
     def should_stop(self) -> bool:
