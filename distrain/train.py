@@ -76,6 +76,7 @@ def run(cfg, env) -> int:
     for w in early_warnings:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     metrics = watchdog = preemption = None
+    failed = False
     try:
         if env.is_main:
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -105,6 +106,9 @@ def run(cfg, env) -> int:
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - every failure becomes exit 1 with the traceback in the log
+        failed = True
+        if preemption is not None:  # a launcher tearing the job down now gets the default SIGTERM
+            preemption.uninstall()
         log.debug("%s", traceback.format_exc())
         logging.getLogger("distrain").error("training failed on rank %d: %s: %s (traceback in %s)", env.rank,
                                             type(e).__name__, e, run_dir / "logs" / f"rank{env.rank}.log")
@@ -115,7 +119,9 @@ def run(cfg, env) -> int:
                 closable.close()
         if preemption is not None:
             preemption.uninstall()
-        dist.shutdown()
+        # after a failure a peer may be gone: tearing the group down could wait for it
+        if not (failed and env.world_size > 1):
+            dist.shutdown()
         close_logging()
 
 
