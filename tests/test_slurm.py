@@ -1,6 +1,7 @@
 """The sbatch templates in a real one-node SLURM cluster on localhost: torchrun inside srun,
 one srun task per rank through distrain's SLURM detection, and preemption -> requeue -> exact resume."""
 import subprocess
+import time
 
 import pytest
 
@@ -62,10 +63,16 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path):
     # the script requeues; SLURM holds a requeued job for a while, release it now
     wait_for(lambda: slurm.job(job).get("JobState") == "PENDING" and "start 1" in out.read_text(), 120,
              "the job to be requeued")
+    # release only once the node has cleaned up the first run, and in a later second than the requeue:
+    # slurmd compares credential and revocation times in whole seconds ("Job credential revoked")
+    requeued_at = time.time()
+    wait_for(lambda: time.time() >= requeued_at + 1.5
+             and slurm.run(["sinfo", "-h", "-o", "%t"], check=False).stdout.strip() == "idle", 120,
+             "the node to be idle again")
     slurm.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])
     state = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300)
     text = out.read_text()
-    assert state["JobState"] == "COMPLETED", text[-3000:]
+    assert state["JobState"] == "COMPLETED", text[-3000:] + str(state)
     assert state.get("Restarts") == "1" and "start 2" in text
     assert "preemption signal: checkpointing at step" in text and "resumed from" in text
     steps = [r["step"] for r in metrics(run, "train")]
