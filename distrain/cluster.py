@@ -23,6 +23,7 @@ class ClusterEnv:
     kind: str = "single"  # single | torchrun | slurm
     restart_count: int = 0  # torchelastic restarts or SLURM requeues
     job_id: str | None = None
+    agent_store: bool = False  # torchrun's agent hosts the rendezvous store (else rank 0 does)
     interactive: bool = False  # stdout is a terminal
 
     @property
@@ -49,6 +50,7 @@ def detect(environ: Mapping[str, str] | None = None) -> ClusterEnv:
             kind="torchrun",
             restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
             job_id=env.get("SLURM_JOB_ID"),
+            agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true",
             **common,
         )
     if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:  # a task of an srun step

@@ -34,20 +34,19 @@ def init(env: ClusterEnv, backend: str, device: torch.device, timeout_s: int, ne
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
     if env.kind == "torchrun":
-        init_method = "env://"
+        # each elastic restart gets its own key space in the shared store: a restarted group must not
+        # read the addresses its dead predecessor published there
+        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                              is_master=not env.agent_store and env.rank == 0, timeout=timeout)
+        kwargs = {"store": dist.PrefixStore(f"distrain/attempt{env.restart_count}", store)}
     elif env.kind == "slurm":
-        init_method = f"tcp://{env.master_addr}:{env.master_port}"
+        kwargs = {"init_method": f"tcp://{env.master_addr}:{env.master_port}"}
     else:
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
-    dist.init_process_group(
-        backend=backend,
-        init_method=init_method,
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        device_id=device if backend == "nccl" else None,
-    )
+        kwargs = {"init_method": f"tcp://127.0.0.1:{_free_port()}"}
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                            device_id=device if backend == "nccl" else None, **kwargs)
 
 
 def shutdown() -> None:
