@@ -86,26 +86,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if active():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
 
-
-def broadcast_object(obj, src: int = 0):
-    if not active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def all_gather_object(obj) -> list:
-    if not active():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _free_port() -> int:

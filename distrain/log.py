@@ -57,9 +57,6 @@ def setup_logging(run_dir: Path, rank: int, world_size: int, level: str = "info"
     return log
 
 
-def console_handlers() -> list[logging.Handler]:
-    return [h for h in logging.getLogger(LOGGER).handlers if not isinstance(h, logging.FileHandler)]
-
 
 def log_file_stream():
     """The open stream of this rank's log file (for faulthandler), or None."""
