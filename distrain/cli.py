@@ -31,3 +31,10 @@ def main(argv=None) -> int:
         return plot(rest)
     print(f"distrain: error: unknown command '{command}'\n{USAGE}", file=sys.stderr, end="")
     return 2
+
+
+def console() -> None:
+    """The installed `distrain` command: ends the process as `python -m distrain.train` does."""
+    from .train import end_process
+
+    end_process(main())

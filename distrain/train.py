@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import sys
 import traceback
@@ -161,5 +162,18 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def end_process(code: int):
+    """Exit without the interpreter's teardown, as multiprocessing's child processes do.
+
+    torch's DTensor caches keep a gloo process group, and its worker threads, alive past
+    destroy_process_group into finalization; a worker still freeing the last collective's
+    tensors then needs the GIL and aborts the process (SIGABRT after a successful run).
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())
