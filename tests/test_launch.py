@@ -72,3 +72,14 @@ def test_a_dead_rank_does_not_hang_the_others(tmp_path):
     assert procs[0].returncode == 1 and elapsed < timeout_s + 30
     assert "training failed on rank 0" in err0
     assert "rank" in (run / "logs" / "rank0.log").read_text()
+
+
+def test_a_finished_process_skips_the_interpreter_teardown_after_flushing():
+    # teardown can abort in gloo's worker threads after a successful run: the exit code must be the run's
+    code = ("import atexit, logging, sys; from distrain.train import end_process; "
+            "atexit.register(lambda: print('teardown ran')); "
+            "logging.basicConfig(stream=sys.stderr); logging.getLogger('x').warning('logged'); "
+            "print('printed', end=''); end_process(3)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert (proc.returncode, proc.stdout) == (3, "printed")
+    assert "logged" in proc.stderr
