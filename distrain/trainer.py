@@ -125,14 +125,16 @@ class Trainer:
             if real:
                 losses.append((loss.detach(), real))
         watchdog.phase = "optimizer"
-        grad_norm = s.step(self.cfg.train.grad_clip)
-        if not math.isfinite(grad_norm):  # the strategy did not apply the update
+        number = self.step + 1
+        grad_norm = s.step(self.cfg.train.grad_clip, want_norm=number % self.cfg.train.log_every == 0
+                           or number == self.total_steps)  # the norm only where a log line shows it
+        if grad_norm is not None and not math.isfinite(grad_norm):  # the strategy did not apply the update
             self.skipped_steps += 1
             if self.cfg.train.on_nonfinite == "stop":
-                raise NonFiniteError(f"non-finite loss or gradient norm at step {self.step + 1}; the update was not "
+                raise NonFiniteError(f"non-finite loss or gradient norm at step {number}; the update was not "
                                      "applied (train.on_nonfinite=skip skips such steps instead)")
             log.warning("step %d: non-finite loss or gradient norm, update skipped (%d so far)",
-                        self.step + 1, self.skipped_steps)
+                        number, self.skipped_steps)
         return losses, batch.global_size, grad_norm, data_wait, busy
 
     def log_train(self, window: Window, grad_norm, progress: Progress) -> None:

@@ -127,3 +127,23 @@ def tensors(obj):
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from tensors(v)
+
+
+@pytest.mark.parametrize("want_norm", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), None])
+def test_optimizer_step_skips_exactly_the_non_finite_updates(want_norm, bad):
+    from distrain.strategies.common import optimizer_step
+
+    layer = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.ones(2, 4)).sum().backward()
+    if bad is not None:
+        layer.bias.grad[1] = bad
+    before = [p.detach().clone() for p in layer.parameters()]
+    norm = optimizer_step(opt, list(layer.parameters()), grad_clip=None, want_norm=want_norm)
+    moved = [not torch.equal(a, p) for a, p in zip(before, layer.parameters())]
+    assert all(p.grad is None for p in layer.parameters())
+    if bad is None:
+        assert moved == [True, True] and (norm is None) != want_norm
+    else:
+        assert moved == [False, False] and not torch.isfinite(torch.tensor(norm))

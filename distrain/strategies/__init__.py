@@ -40,7 +40,8 @@ class Strategy(Protocol):
     def sync(self, enabled: bool) -> ContextManager: ...  # gradient sync on/off for this micro-step
     def autocast(self) -> ContextManager: ...
     def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self, grad_clip: float | None) -> float: ...  # the gradient norm; no update if non-finite
+    # the pre-clip gradient norm (None if not computed: want_norm off); non-finite: no update was made
+    def step(self, grad_clip: float | None, want_norm: bool = True) -> float | None: ...
     def full_model_state(self) -> dict: ...  # consolidated on rank 0; collective
     def save(self, path: Path) -> None: ...  # collective
     def load(self, path: Path) -> None: ...  # collective

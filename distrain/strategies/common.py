@@ -22,26 +22,50 @@ def grad_scaler(device: torch.device, precision: str):
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
-def optimizer_step(optimizer, params: list, grad_clip: float | None, scaler=None) -> float:
-    """Clip, then step unless the gradient norm is non-finite; always leaves grads cleared.
+def optimizer_step(optimizer, params: list, grad_clip: float | None, scaler=None, want_norm: bool = True):
+    """Clip, then step unless a gradient is non-finite; always leaves grads cleared.
 
-    Returns the pre-clip global gradient norm (inf/nan when the step was skipped). The
-    norm is needed every step anyway, for the non-finite guard.
+    Returns the pre-clip global gradient norm when it was computed (clipping, or want_norm),
+    None when the update was applied without it, and a non-finite value when the step was
+    skipped. Without clipping, the non-finite check is one fused pass over the gradients
+    instead of a norm: the norm is only needed on the steps that log it.
     """
     if scaler is not None:
         scaler.unscale_(optimizer)
     grads = [p.grad for p in params if p.grad is not None]
-    norm = total_norm(grads)
-    if grad_clip:
-        nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], grad_clip, norm)
-    value = norm.item()
+    if grad_clip or want_norm:
+        norm = total_norm(grads)
+        if grad_clip:
+            nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], grad_clip, norm)
+        value = norm.item()
+        finite = math.isfinite(value)
+    else:
+        value, finite = None, all_finite(grads)
     if scaler is not None:
         scaler.step(optimizer)  # GradScaler skips on inf itself and lowers its scale
         scaler.update()
-    elif math.isfinite(value):
+    elif finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return value
+    return value if finite or value is not None else math.nan
+
+
+_ONES: dict = {}
+
+
+def all_finite(grads: list) -> bool:
+    """Whether every gradient is finite: GradScaler's fused check, unscaling by exactly 1."""
+    groups: dict = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    for (device, _), group in groups.items():
+        if device not in _ONES:
+            _ONES[device] = torch.ones(1, device=device)
+        found = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found, _ONES[device])
+        if found.item():
+            return False
+    return True
 
 
 def total_norm(grads: list) -> torch.Tensor:

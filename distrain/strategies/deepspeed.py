@@ -74,7 +74,7 @@ class DeepSpeed:
     def backward(self, loss) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the trainer already normalised the loss
 
-    def step(self, grad_clip):
+    def step(self, grad_clip, want_norm=True):
         self.engine.step()
         norm = self.engine.get_global_grad_norm()  # inf when DeepSpeed skipped a non-finite step
         return float("nan") if norm is None else float(norm)

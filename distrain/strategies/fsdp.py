@@ -54,7 +54,8 @@ class Fsdp:
     def backward(self, loss) -> None:
         loss.backward()
 
-    def step(self, grad_clip):
+    def step(self, grad_clip, want_norm=True):
+        # every step: the norm over all shards is how the ranks agree on skipping a non-finite one
         return common.optimizer_step(self.optimizer, self.params, grad_clip)
 
     def full_model_state(self) -> dict:

@@ -54,8 +54,9 @@ class Replicated:
     def backward(self, loss) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self, grad_clip):
-        return common.optimizer_step(self.optimizer, self.params, grad_clip, self.scaler)
+    def step(self, grad_clip, want_norm=True):
+        # replicas hold identical gradients after the all-reduce: a local finiteness check agrees on every rank
+        return common.optimizer_step(self.optimizer, self.params, grad_clip, self.scaler, want_norm)
 
     def full_model_state(self) -> dict:
         return self.module.state_dict()
