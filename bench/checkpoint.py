@@ -101,36 +101,35 @@ def async_case(mb: int, rounds: int) -> None:
     fully_shard(model)
     opt = adam_state(model)
     group = dist.new_group(backend="gloo")
+    from distrain.strategies.fsdp import staging_for
+
+    stager = staging_for(torch.device("cpu"))
     sync_s, async_s = [], []
     d = Path(__file__).resolve().parent / "out" / "dcp"  # one path for all ranks
     if dist.get_rank() == 0:
         shutil.rmtree(d, ignore_errors=True)
     dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(d, ignore_errors=True)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(d, ignore_errors=True)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(d, ignore_errors=True)
-    dist.barrier()
     for r in range(rounds):
-            ms, os_ = get_state_dict(model, opt)
-            dist.barrier(); t = time.perf_counter()
-            dcp.save({"model": ms, "optim": os_}, checkpoint_id=f"{d}/sync{r}")
-            dist.barrier(); sync_s.append(time.perf_counter() - t)
-            ms, os_ = get_state_dict(model, opt)
-            dist.barrier(); t = time.perf_counter()
-            future = dcp.async_save({"model": ms, "optim": os_}, checkpoint_id=f"{d}/async{r}", process_group=group)
-            async_s.append(time.perf_counter() - t)  # training resumes here
-            future.result()
-            dist.barrier()
+        ms, os_ = get_state_dict(model, opt)
+        dist.barrier()
+        t = time.perf_counter()
+        dcp.save({"model": ms, "optim": os_}, checkpoint_id=f"{d}/sync{r}")
+        dist.barrier()
+        sync_s.append(time.perf_counter() - t)
+        ms, os_ = get_state_dict(model, opt)
+        dist.barrier()
+        t = time.perf_counter()
+        future = dcp.async_save({"model": ms, "optim": os_}, checkpoint_id=f"{d}/async{r}", process_group=group,
+                                async_stager=stager)
+        async_s.append(time.perf_counter() - t)  # training resumes here
+        future.result()
+        dist.barrier()
+    stager.close()
     if dist.get_rank() == 0:
         shutil.rmtree(d, ignore_errors=True)
         s, a = statistics.median(sync_s), statistics.median(async_s)
-        print(f"DCP 2 ranks, ~{mb} MiB state: sync save {s:.3f} s, async blocking {a:.3f} s = {a / s:.1%} of sync "
-              f"(target <= 10%)")
+        print(f"DCP 2 ranks, ~{mb} MiB state, {rounds} rounds: sync save {s:.3f} s, async blocking {a:.3f} s "
+              f"= {a / s:.1%} of sync (first round {async_s[0]:.3f} s; target <= 10%)")
     dist.destroy_process_group()
 
 

@@ -24,17 +24,15 @@ MODELS = {
 }
 
 
-def hand_written(model_name: str, steps: int, batch: int, seed: int = 0, lr: float = 1e-3, ddp: bool = False):
-    """What a user writes by hand: same data order (one permutation per epoch), same init.
-    Returns (per-step seconds, final state_dict)."""
+def reference_loop(model_name: str, steps: int, batch: int, prepare, seed: int = 0, lr: float = 1e-3,
+                   ddp: bool = False):
+    """The loop a user writes by hand, through `prepare(model, optimizer) -> (net, optimizer,
+    backward)`: plain PyTorch or a peer library's wrappers. Same data order (one permutation
+    per epoch), same init. Returns (step-time window means, final state_dict)."""
     torch.manual_seed(seed)
     model = MODELS[model_name][0]()
-    net = model
-    rank, world = 0, 1
-    if ddp:
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        net = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    net, opt, backward = prepare(model, torch.optim.AdamW(model.parameters(), lr=lr))
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
     x, y = digits()[0].tensors
     n, times, epoch, pos = len(x), [], 0, 0
     perm = epoch_permutation(n, seed, epoch)
@@ -51,10 +49,19 @@ def hand_written(model_name: str, steps: int, batch: int, seed: int = 0, lr: flo
         if len(idx) * world != size:  # the epoch's short last batch splits unevenly: weight by share
             loss = loss * (len(idx) * world / size)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        backward(loss)
         opt.step()
         times.append(time.perf_counter() - t0)
-    return times, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    windows = [statistics.fmean(times[i : i + LOG_EVERY]) for i in range(0, steps - LOG_EVERY + 1, LOG_EVERY)]
+    return windows, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def hand_written(model_name: str, steps: int, batch: int, ddp: bool = False, **kw):
+    def prepare(model, opt):
+        net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+        return net, opt, lambda loss: loss.backward()
+
+    return reference_loop(model_name, steps, batch, prepare, ddp=ddp, **kw)
 
 
 def with_distrain(model_name: str, steps: int, batch: int, seed: int = 0, lr: float = 1e-3, strategy: str = "single"):
@@ -84,12 +91,9 @@ def with_distrain(model_name: str, steps: int, batch: int, seed: int = 0, lr: fl
     return times, weights
 
 
-def steady(times: list[float], warmup_steps: int = 50) -> float:
-    """Median step time after warm-up; hand-written per-step times are first averaged in the
-    same windows distrain logs, so both sides are medians of window means."""
-    if len(times) > 200:  # per-step (hand-written): window means like distrain's
-        times = [statistics.fmean(times[i : i + LOG_EVERY]) for i in range(0, len(times), LOG_EVERY)]
-    return statistics.median(times[max(1, warmup_steps // LOG_EVERY):])
+def steady(windows: list[float], warmup_steps: int = 50) -> float:
+    """Median of the step-time window means after warm-up (every loop reports LOG_EVERY-step windows)."""
+    return statistics.median(windows[max(1, warmup_steps // LOG_EVERY):])
 
 
 def same_weights(a: dict, b: dict) -> bool:

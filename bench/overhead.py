@@ -1,109 +1,201 @@
-"""distrain's overhead over a hand-written PyTorch loop: same model, data, order and seed.
+"""distrain, Lightning Fabric and Accelerate against a hand-written PyTorch loop: same
+model, data, sample order, init, optimizer and seed.
 
-    python bench/overhead.py single [--model mlp|convnet] [--rounds 7] [--steps 400]
-    python bench/overhead.py ddp [--rounds 7] [--steps 400]      # 2 gloo ranks under one torchrun
-    python bench/overhead.py import [--rounds 15]
+    python bench/overhead.py single [--model mlp|convnet] [--rounds 7] [--steps 600]
+    python bench/overhead.py ddp [--rounds 7] [--steps 600]      # 2 gloo ranks, a torchrun per loop
+    python bench/overhead.py startup [--rounds 7]                # import, and launch to first step
+    python bench/overhead.py import [--rounds 15]                # distrain's modules after torch
+    ... [--loops hand distrain fabric accelerate]                # default: every installed one
 
-Method: every round is a fresh process (a fresh torchrun for ddp) that runs both loops one
-after the other, the order alternating between rounds (A B, B A, ...), one thread per
-process. Per-step times are medians after 20 warm-up steps; the printed figure is the
-median over rounds of the per-round ratio distrain / hand-written, with its min-max. Final
-weights are compared bit for bit. Run it on a quiet machine.
+Method: a round is one fresh process (one fresh torchrun for ddp, whose rank 0 reports)
+that runs every loop once, one after the other, the order rotating between rounds (A B C D,
+B C D A, ...), so drift and order effects cancel; one thread per process. Step times are
+medians of 25-step window means after warm-up; the printed ratio is the median over rounds
+of each loop's time / the hand-written loop's time in the same round, with its min-max.
+Peak memory (single case) is measured apart, one fresh process per loop: its peak RSS,
+imports included. Final weights are compared bit for bit with the hand-written loop's.
+Start-up runs a fresh process per loop. Run it on a quiet machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+TARGETS = {"single": 1.01, "ddp": 1.02}
 
 
-def worker(kind: str, model: str, steps: int, batch: int, distrain_first: bool) -> None:
+def loop_worker(kind: str, loops: list[str], model: str, steps: int, batch: int, tmp: str) -> None:
+    """Runs the loops one after the other in this process (timing) and saves their weights."""
     import torch
 
     torch.set_num_threads(1)
-    from bench.common import hand_written, same_weights, steady, with_distrain
+    from bench.common import steady
+    from bench.peers import LOOPS
 
     ddp = kind == "ddp"
     if ddp:
         import distrain.dist
 
         torch.distributed.init_process_group("gloo")
-        distrain.dist.shutdown = lambda: None  # keep this process's group for the other loop
-    runs = {}
-    for name in (["distrain", "hand"] if distrain_first else ["hand", "distrain"]):
-        if name == "hand":
-            runs[name] = hand_written(model, steps, batch, ddp=ddp)
-        else:
-            runs[name] = with_distrain(model, steps, batch, strategy="ddp" if ddp else "single")
+        distrain.dist.shutdown = lambda: None  # keep this process's group for the loops after distrain's
+    result = {}
+    for loop in loops:
+        windows, weights = LOOPS[loop](model, steps, batch, ddp=ddp)
+        result[loop] = steady(windows)
+        if not ddp or torch.distributed.get_rank() == 0:
+            torch.save(weights, Path(tmp) / f"{loop}.pt")
     if not ddp or torch.distributed.get_rank() == 0:
-        print("RESULT " + json.dumps({"hand": steady(runs["hand"][0]), "distrain": steady(runs["distrain"][0]),
-                                      "same_weights": same_weights(runs["hand"][1], runs["distrain"][1])}))
+        print("RESULT " + json.dumps(result), flush=True)
 
 
-def rounds(kind: str, model: str, n: int, steps: int, batch: int) -> list[dict]:
-    out = []
-    for i in range(n):
-        args = ["_worker", kind, model, str(steps), str(batch), str(i % 2)]
-        if kind == "ddp":
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, *args]
-        else:
-            cmd = [sys.executable, __file__, *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            raise RuntimeError(f"round {i} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-        out.append(json.loads(line[7:]))
-        print(f"  round {i}: hand {out[-1]['hand'] * 1e3:.3f} ms  distrain {out[-1]['distrain'] * 1e3:.3f} ms  "
-              f"same weights: {out[-1]['same_weights']}", flush=True)
-    return out
+def memory_worker(loop: str, model: str, steps: int, batch: int) -> None:
+    """One loop alone in a fresh process: its peak RSS, imports included."""
+    import torch
+
+    torch.set_num_threads(1)
+    from bench.peers import LOOPS
+
+    LOOPS[loop](model, steps, batch)
+    print("RESULT " + json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), flush=True)
+
+
+def startup_worker(loop: str, model: str, launched: float) -> None:
+    """Launch -> first optimizer step done, with the imports timed on the way."""
+    started = time.time()
+    import importlib
+
+    import torch
+
+    torch.set_num_threads(1)
+    torch_done = time.time()
+    from bench.peers import IMPORTS, LOOPS
+
+    importlib.import_module(IMPORTS[loop])
+    library_done = time.time()
+
+    def report():
+        now = time.time()
+        print("RESULT " + json.dumps({"interpreter": started - launched, "torch": torch_done - started,
+                                      "library": library_done - torch_done, "first_step": now - launched}), flush=True)
+        os._exit(0)
+
+    if loop == "distrain":  # its loop runs to the end: stop it after the first step
+        from distrain.trainer import Trainer
+
+        train_step = Trainer.train_step
+        Trainer.train_step = lambda self: (train_step(self), report())
+    LOOPS[loop](model, 1, 64)
+    report()
+
+
+def result_of(cmd: list[str]):
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{' '.join(cmd[-8:])} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(line[7:])
+
+
+def run_round(kind: str, order: list[str], model: str, steps: int, batch: int, tmp: Path) -> dict:
+    if kind == "startup":  # a fresh process per loop: start-up is what is measured
+        return {loop: result_of([sys.executable, __file__, "_startup", loop, model, repr(time.time())])
+                for loop in order}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] \
+        if kind == "ddp" else [sys.executable]
+    times = result_of([*launcher, __file__, "_loops", kind, ",".join(order), model, str(steps), str(batch), str(tmp)])
+    import torch
+
+    from bench.common import same_weights
+
+    hand = torch.load(tmp / "hand.pt", weights_only=True)
+    return {loop: {"step_s": times[loop],
+                   "same_weights": same_weights(hand, torch.load(tmp / f"{loop}.pt", weights_only=True))}
+            for loop in order}
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.4f} ({min(values):.4f}-{max(values):.4f})"
+
+
+def report_loops(kind: str, loops: list[str], rounds: list[dict], peaks: dict) -> None:
+    print(f"{'loop':<11} {'step ms':>8} {'ratio to hand (min-max)':>26} {'peak RSS MB':>12}  weights = hand")
+    for loop in loops:
+        ratios = [r[loop]["step_s"] / r["hand"]["step_s"] for r in rounds]
+        step_ms = statistics.median(r[loop]["step_s"] for r in rounds) * 1e3
+        peak = f"{peaks[loop]:.0f}" if loop in peaks else "-"
+        same = sum(r[loop]["same_weights"] for r in rounds)
+        print(f"{loop:<11} {step_ms:8.3f} {spread(ratios):>26} {peak:>12}  {same}/{len(rounds)}")
+    ours = statistics.median(r["distrain"]["step_s"] / r["hand"]["step_s"] for r in rounds)
+    target = TARGETS[kind]
+    print(f"distrain target <= {target}: {'met' if ours <= target else 'MISSED'} ({ours:.4f})")
+
+
+def report_startup(loops: list[str], rounds: list[dict]) -> None:
+    print(f"{'loop':<11} {'interpreter s':>14} {'torch s':>9} {'library s':>10} {'launch to first step s':>23}")
+    for loop in loops:
+        med = {k: statistics.median(r[loop][k] for r in rounds) for k in ("interpreter", "torch", "library", "first_step")}
+        first = spread([r[loop]["first_step"] for r in rounds])
+        print(f"{loop:<11} {med['interpreter']:14.3f} {med['torch']:9.3f} {med['library']:10.3f} {first:>23}")
 
 
 def import_time(n: int) -> list[float]:
     code = ("import time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter(); "
             "import distrain.train, distrain.trainer, distrain.checkpoint, distrain.strategies.replicated; "
             "print(t1 - t0, time.perf_counter() - t1)")
-    extra = []
-    for _ in range(n):
-        torch_s, ours = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                                  env=ENV, check=True).stdout.split())
-        extra.append(ours)
-    return extra
+    return [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
+                                 check=True).stdout.split()[1]) for _ in range(n)]
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["_worker"]:
-        kind, model, steps, batch, first = sys.argv[2:7]
-        worker(kind, model, int(steps), int(batch), first == "1")
-        return
-    from bench.common import ratio_line
+    if sys.argv[1:2] == ["_loops"]:
+        kind, loops, model, steps, batch, tmp = sys.argv[2:8]
+        return loop_worker(kind, loops.split(","), model, int(steps), int(batch), tmp)
+    if sys.argv[1:2] == ["_memory"]:
+        return memory_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    if sys.argv[1:2] == ["_startup"]:
+        return startup_worker(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+    from bench.peers import available
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("case", choices=["single", "ddp", "import"])
+    p.add_argument("case", choices=["single", "ddp", "startup", "import"])
     p.add_argument("--model", default="mlp", choices=["mlp", "convnet"])
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--loops", nargs="+", default=available(), choices=["hand", "distrain", "fabric", "accelerate"])
     args = p.parse_args()
     if args.case == "import":
         extra = import_time(args.rounds)
         print(f"import of distrain's training modules after torch: median {statistics.median(extra):.4f} s "
               f"(min {min(extra):.4f}, max {max(extra):.4f}; target <= 0.10 s)")
         return
-    print(f"{args.case} / {args.model}, batch {args.batch}, {args.steps} steps, {args.rounds} rounds")
-    results = rounds(args.case, args.model, args.rounds, args.steps, args.batch)
-    ratios = [r["distrain"] / r["hand"] for r in results]
-    print(ratio_line(f"{args.case}/{args.model} step time distrain / hand-written", ratios,
-                     1.01 if args.case == "single" else 1.02))
-    print(f"hand-written median {statistics.median(r['hand'] for r in results) * 1e3:.3f} ms/step; "
-          f"final weights bit-identical in {sum(r['same_weights'] for r in results)}/{len(results)} rounds")
+    loops = ["hand"] + [x for x in args.loops if x != "hand"]
+    print(f"{args.case} / {args.model}, batch {args.batch}, {args.steps} steps, {args.rounds} rounds, loops {loops}")
+    rounds = []
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(args.rounds):
+            order = loops[i % len(loops):] + loops[:i % len(loops)]
+            rounds.append(run_round(args.case, order, args.model, args.steps, args.batch, Path(d)))
+            key, unit = ("first_step", "s") if args.case == "startup" else ("step_s", "ms")
+            scale = 1 if unit == "s" else 1e3
+            print(f"  round {i}: " + "  ".join(f"{k} {v[key] * scale:.3f} {unit}" for k, v in rounds[-1].items()),
+                  flush=True)
+    if args.case == "startup":
+        return report_startup(loops, rounds)
+    peaks = {loop: result_of([sys.executable, __file__, "_memory", loop, args.model, "200", str(args.batch)])
+             for loop in loops} if args.case == "single" else {}
+    report_loops(args.case, loops, rounds, peaks)
 
 
 if __name__ == "__main__":

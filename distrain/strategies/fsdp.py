@@ -40,8 +40,9 @@ class Fsdp:
         self.params = list(module.parameters())
         self.optimizer = make_optimizer(self.params)
         # background checkpoint writes plan over their own group, never interleaving with training collectives
-        self.checkpoint_group = torch.distributed.new_group(backend="gloo") if self.ctx.cfg.checkpoint.async_save \
-            else None
+        async_save = self.ctx.cfg.checkpoint.async_save
+        self.checkpoint_group = torch.distributed.new_group(backend="gloo") if async_save else None
+        self.stager = staging_for(self.ctx.device) if async_save else None
 
     def sync(self, enabled: bool):
         # accumulation micro-steps skip the reduce-scatter; the last one does it
@@ -71,10 +72,20 @@ class Fsdp:
         Returns a future; the checkpoint is committed once it is done."""
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
         return dcp.async_save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / "dcp"),
-                              process_group=self.checkpoint_group)
+                              process_group=self.checkpoint_group, async_stager=self.stager)
 
     def load(self, path) -> None:
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=str(path / "dcp"))
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def staging_for(device: torch.device):
+    """The copy async saves write from, kept between checkpoints: allocating (and, on GPUs,
+    pinning) a fresh copy of the whole state at every save costs more than the copy itself."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    cuda = device.type == "cuda"
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False,
+                                        use_non_blocking_copy=cuda))
