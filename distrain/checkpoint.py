@@ -8,11 +8,13 @@ was never renamed is never loaded, so a kill at any moment leaves the last good 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -37,6 +39,7 @@ class Checkpointer:
         self.root = cfg.run_dir / "checkpoints"
         self.format = FORMATS[cfg.strategy.name]
         self._pending = None  # an async save waiting to be committed
+        self._deleting: threading.Thread | None = None  # checkpoints past keep_last, removed in the background
         if cfg.checkpoint.async_save and self.format != "dcp":
             raise ConfigError("checkpoint.async_save", "needs strategy.name=fsdp (sharded DCP checkpoints)")
 
@@ -101,10 +104,23 @@ class Checkpointer:
         return final
 
     def _retain(self, newest: str) -> None:
+        """Retire checkpoints past keep_last: a rename now (they are gone from the candidates at
+        once), the deletion in the background (unlinking gigabytes is slow on many filesystems)."""
+        self.wait_for_deletions()
         keep = self.cfg.checkpoint.keep_last
         for step in committed_steps(self.root)[:-keep]:
             if f"step_{step:08d}" != newest:
-                shutil.rmtree(self.root / f"step_{step:08d}", ignore_errors=True)
+                os.replace(self.root / f"step_{step:08d}", self.root / f".retired-step_{step:08d}")
+        retired = sorted(self.root.glob(".retired-*"))  # with leftovers of a process that was killed
+        if retired:
+            self._deleting = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in retired],
+                                              name="distrain-retire", daemon=True)
+            self._deleting.start()
+
+    def wait_for_deletions(self) -> None:
+        if self._deleting is not None:
+            self._deleting.join()
+            self._deleting = None
 
     def latest_path(self) -> str | None:
         latest = self.root / "latest"
@@ -142,9 +158,23 @@ class Checkpointer:
         return steps
 
     def _try_load(self, path: Path, trainer) -> str | None:
-        """Load on every rank; all agree on success, else all move on to the next candidate."""
-        problem = check_manifest(path) or verify_crc(path)
-        meta = None
+        """Load on every rank; all agree on success, else all move on to the next candidate.
+
+        The CRC check reads every byte, as the load does: it runs beside the load, and a
+        mismatch found afterwards discards what was loaded like any other failed load (the next
+        candidate overwrites all of it)."""
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            problem = check_manifest(path)
+            crc = pool.submit(verify_crc, path) if problem is None else None
+            problem = self._load(path, trainer, problem)
+            if problem is None:
+                problem = crc.result()
+        if not agree(problem is None, trainer.comm_device):
+            return problem or "another rank could not load it"
+        return None
+
+    def _load(self, path: Path, trainer, problem: str | None) -> str | None:
+        """Collective: every rank comes here, also with a problem already found."""
         if problem is None:
             try:
                 vet_files(path)
@@ -153,8 +183,8 @@ class Checkpointer:
                 raise ConfigError("checkpoint.resume", str(e))
             except Exception as e:  # noqa: BLE001 - any unreadable file means: try the previous checkpoint
                 problem = f"{type(e).__name__}: {e}"
-        if meta is not None:
-            self._check_compatible(meta, path)
+            else:
+                self._check_compatible(meta, path)
         if not agree(problem is None, trainer.comm_device):
             return problem or "another rank could not read it"
         try:
@@ -164,10 +194,8 @@ class Checkpointer:
         except UnsafeCheckpointError as e:
             raise ConfigError("checkpoint.resume", str(e))
         except Exception as e:  # noqa: BLE001
-            problem = f"{type(e).__name__}: {e}"
             log.debug("loading %s failed", path, exc_info=True)
-        if not agree(problem is None, trainer.comm_device):
-            return problem or "another rank could not load it"
+            return f"{type(e).__name__}: {e}"
         return None
 
     def _check_compatible(self, meta: dict, path: Path) -> None:
@@ -183,6 +211,7 @@ class Checkpointer:
 
     # -- export
     def export_final(self, strategy) -> Path:
+        self.wait_for_deletions()
         state = strategy.full_model_state()  # collective
         out = self.cfg.run_dir / "final" / "model.pt"
         if self.env.is_main:
@@ -218,12 +247,14 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 
 def weights_finite(module, comm_device) -> bool:
+    """Collective. A finite float32 norm per tensor proves every element finite: one read-only
+    pass, no temporary the size of the model (norms beyond ~1e38 count as non-finite too)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
+    local = [t.detach() for t in local if t.numel()]
     bad = torch.zeros(1, device=comm_device)
-    for p in module.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        if local.numel() and not torch.isfinite(local).all():
-            bad += 1
-            break
+    if local and not torch.stack([n.to(comm_device) for n in torch._foreach_norm(local, 2, dtype=torch.float32)]
+                                 ).isfinite().all():
+        bad += 1
     return dist.all_reduce_sum(bad).item() == 0
 
 

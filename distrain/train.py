@@ -98,6 +98,7 @@ def run(cfg, env) -> int:
                           watchdog=watchdog, interactive=env.interactive)
         summary = trainer.fit()
         if summary["preempted"]:
+            checkpointer.wait_for_deletions()
             log.warning("exiting with code %d: checkpointed after a preemption signal; requeue to resume",
                         PREEMPTED_EXIT_CODE)
             return PREEMPTED_EXIT_CODE

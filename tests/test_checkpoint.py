@@ -32,6 +32,13 @@ def test_keep_last_never_deletes_what_latest_names(tmp_path):
     assert train(run, "train.max_steps=22", "checkpoint.keep_last=2") == 0
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["latest", "step_00000020", "step_00000022"]
+    # a checkpoint retired by a process killed before it finished deleting it: never loaded, removed later
+    leftover = run / "checkpoints" / ".retired-step_00000099"
+    leftover.mkdir()
+    (leftover / "trainer.pt").write_bytes(b"garbage")
+    assert train(run, "train.max_steps=30", "checkpoint.keep_last=2") == 0
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["latest", "step_00000025", "step_00000030"]
 
 
 def test_truncated_newest_checkpoint_falls_back_with_a_warning(tmp_path, capsys):
