@@ -4,8 +4,10 @@ global batch grows with the world size; efficiency = throughput(N) / (N x throug
     python bench/scaling.py [--model mlp|convnet] [--steps 400] [--ranks 1 2 4] [--rounds 3]
 
 Throughput is distrain's own samples/s over the steady-state log windows (first window
-dropped), median over rounds, each round a fresh torchrun. With more ranks than cores
-(4 on a 2-core machine) the figure measures oversubscription, not the launcher.
+dropped), median over rounds, each round a fresh torchrun. The ceiling runs the same
+number of single-process trainings side by side without communicating: what the machine
+allows before any all-reduce. With more ranks than cores (4 on a 2-core machine) the
+figure measures oversubscription, not the launcher.
 """
 from __future__ import annotations
 
@@ -19,23 +21,41 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
 MODELS = {"mlp": ["model.name=mlp", "model.hidden=[256,256]"], "convnet": ["model.name=cnn"]}
+
+
+def independent(model: str, ranks: int, steps: int, per_rank: int) -> float:
+    """The machine's ceiling: `ranks` single-process runs at once, no communication; summed."""
+    with tempfile.TemporaryDirectory() as d:
+        procs = [subprocess.Popen(command(model, 1, steps, per_rank, f"{d}/{i}", "single"), env=ENV,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(ranks)]
+        for proc in procs:
+            if proc.wait() != 0:
+                raise RuntimeError(proc.stderr.read().decode()[-2000:])
+        return sum(window_median(Path(d) / str(i)) for i in range(ranks))
+
+
+def command(model: str, ranks: int, steps: int, per_rank: int, d: str, strategy: str) -> list[str]:
+    base = Path(d) / "base.yaml"  # the demo's data, no model section: the model comes from MODELS
+    base.parent.mkdir(parents=True, exist_ok=True)
+    base.write_text("data: {name: digits}\noptim: {name: adamw}\n")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+            "-m", "distrain.train", "--config", str(base), *MODELS[model],
+            f"run.dir={d}/run", "train.epochs=null", f"train.max_steps={steps}", "train.log_every=50",
+            "train.eval_every=0", "checkpoint.every_steps=0", f"strategy.name={strategy}",
+            f"data.global_batch_size={per_rank * ranks}", "log.level=warning"]
+
+
+def window_median(d: Path) -> float:
+    rows = [json.loads(line) for line in (d / "run" / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median([r["samples_per_s"] for r in rows if r["split"] == "train" and r["step"] % 50 == 0][1:])
 
 
 def throughput(model: str, ranks: int, steps: int, per_rank: int) -> float:
     with tempfile.TemporaryDirectory() as d:
-        base = Path(d) / "base.yaml"  # the demo's data, no model section: the model comes from MODELS
-        base.write_text("data: {name: digits}\noptim: {name: adamw}\n")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "distrain.train", "--config", str(base), *MODELS[model],
-               f"run.dir={d}/run", "train.epochs=null", f"train.max_steps={steps}", "train.log_every=50",
-               "train.eval_every=0", "checkpoint.every_steps=0", "strategy.name=ddp",
-               f"data.global_batch_size={per_rank * ranks}", "log.level=warning"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
-        subprocess.run(cmd, check=True, capture_output=True, env=env)
-        rows = [json.loads(line) for line in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
-        windows = [r["samples_per_s"] for r in rows if r["split"] == "train" and r["step"] % 50 == 0][1:]
-        return statistics.median(windows)
+        subprocess.run(command(model, ranks, steps, per_rank, d, "ddp"), check=True, capture_output=True, env=ENV)
+        return window_median(Path(d))
 
 
 def main() -> None:
@@ -47,15 +67,19 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
     results = {n: [] for n in a.ranks}
+    ceiling = {n: [] for n in a.ranks if n > 1}
     for _ in range(a.rounds):  # interleaved: 1 2 4 1 2 4 ...
         for n in a.ranks:
             results[n].append(throughput(a.model, n, a.steps, a.per_rank_batch))
+            if n > 1:
+                ceiling[n].append(independent(a.model, n, a.steps, a.per_rank_batch))
     base = statistics.median(results[a.ranks[0]]) / a.ranks[0]
     print(f"weak scaling, {a.model}, {a.per_rank_batch} samples per rank per step, gloo, 1 thread per rank")
     for n in a.ranks:
         med = statistics.median(results[n])
         print(f"  {n} rank(s): {med:9.0f} samples/s (min {min(results[n]):.0f}, max {max(results[n]):.0f}); "
-              f"efficiency {med / (n * base):.3f}")
+              f"efficiency {med / (n * base):.3f}" + (f"; ceiling (independent processes, no communication) "
+                                                      f"{statistics.median(ceiling[n]) / (n * base):.3f}" if n > 1 else ""))
 
 
 if __name__ == "__main__":
