@@ -19,6 +19,7 @@ Start-up runs a fresh process per loop. Run it on a quiet machine.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -51,6 +52,7 @@ def loop_worker(kind: str, loops: list[str], model: str, steps: int, batch: int,
         distrain.dist.shutdown = lambda: None  # keep this process's group for the loops after distrain's
     result = {}
     for loop in loops:
+        gc.collect()  # the previous loop's model, optimizer and DDP reducer are gone before this one starts
         windows, weights = LOOPS[loop](model, steps, batch, ddp=ddp)
         result[loop] = steady(windows)
         if not ddp or torch.distributed.get_rank() == 0:
@@ -128,6 +130,18 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.4f} ({min(values):.4f}-{max(values):.4f})"
 
 
+def summary(loops: list[str], rounds: list[dict], peaks: dict) -> dict:
+    """Per loop: median step time, ratio to the hand-written loop with its min-max, peak RSS, weights."""
+    out = {}
+    for loop in loops:
+        ratios = [r[loop]["step_s"] / r["hand"]["step_s"] for r in rounds]
+        out[loop] = {"step_ms": statistics.median(r[loop]["step_s"] for r in rounds) * 1e3,
+                     "ratio": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                     "peak_mb": peaks.get(loop), "same_weights": sum(r[loop]["same_weights"] for r in rounds),
+                     "rounds": len(rounds)}
+    return out
+
+
 def report_loops(kind: str, loops: list[str], rounds: list[dict], peaks: dict) -> None:
     print(f"{'loop':<11} {'step ms':>8} {'ratio to hand (min-max)':>26} {'peak RSS MB':>12}  weights = hand")
     for loop in loops:
@@ -174,6 +188,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--loops", nargs="+", default=available(), choices=["hand", "distrain", "fabric", "accelerate"])
+    p.add_argument("--json", type=Path, help="append the summary to this JSON list (bench/chart.py plots it)")
     args = p.parse_args()
     if args.case == "import":
         extra = import_time(args.rounds)
@@ -196,6 +211,11 @@ def main() -> None:
     peaks = {loop: result_of([sys.executable, __file__, "_memory", loop, args.model, "200", str(args.batch)])
              for loop in loops} if args.case == "single" else {}
     report_loops(args.case, loops, rounds, peaks)
+    if args.json:
+        records = json.loads(args.json.read_text()) if args.json.exists() else []
+        records.append({"case": f"{args.case}/{args.model}" if args.case == "single" else args.case,
+                        "date": time.strftime("%Y-%m-%d"), "loops": summary(loops, rounds, peaks)})
+        args.json.write_text(json.dumps(records, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ MODELS = {"mlp": ["model.name=mlp", "model.hidden=[256,256]"], "convnet": ["mode
 
 
 def independent(model: str, ranks: int, steps: int, per_rank: int) -> float:
-    """The machine's ceiling: `ranks` single-process runs at once, no communication; summed."""
+    """The machine's ceiling: `ranks` one-rank runs at once (each its own group), no communication between them."""
     with tempfile.TemporaryDirectory() as d:
-        procs = [subprocess.Popen(command(model, 1, steps, per_rank, f"{d}/{i}", "single"), env=ENV,
+        procs = [subprocess.Popen(command(model, 1, steps, per_rank, f"{d}/{i}", "ddp"), env=ENV,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(ranks)]
         for proc in procs:
             if proc.wait() != 0:
