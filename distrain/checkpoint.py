@@ -247,12 +247,13 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 
 def weights_finite(module, comm_device) -> bool:
-    """Collective. A finite float32 norm per tensor proves every element finite: one read-only
-    pass, no temporary the size of the model (norms beyond ~1e38 count as non-finite too)."""
+    """Collective. A finite norm per tensor proves every element finite: one read-only pass, no
+    temporary the size of the model. Accumulated in float64, so huge finite weights (an
+    exploding run that the guard skipped) cannot overflow it."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
     local = [t.detach() for t in local if t.numel()]
     bad = torch.zeros(1, device=comm_device)
-    if local and not torch.stack([n.to(comm_device) for n in torch._foreach_norm(local, 2, dtype=torch.float32)]
+    if local and not torch.stack([n.to(comm_device) for n in torch._foreach_norm(local, 2, dtype=torch.float64)]
                                  ).isfinite().all():
         bad += 1
     return dist.all_reduce_sum(bad).item() == 0

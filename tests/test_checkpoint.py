@@ -153,3 +153,15 @@ def test_checkpoint_files_hold_only_plain_data(tmp_path):
         with zipfile.ZipFile(f) as z:
             pickle_bytes = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
         assert b"distrain" not in pickle_bytes
+
+
+def test_weights_check_tells_huge_finite_weights_from_non_finite_ones():
+    from distrain.checkpoint import weights_finite
+
+    layer = torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        layer.weight.fill_(3e38)  # its float32 norm would overflow
+    assert weights_finite(layer, torch.device("cpu"))
+    with torch.no_grad():
+        layer.bias[3] = float("nan")
+    assert not weights_finite(layer, torch.device("cpu"))
