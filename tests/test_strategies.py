@@ -60,3 +60,19 @@ def test_eval_identical_on_1_2_and_3_ranks(tmp_path):
     assert len(evals) == 3 and all(e["step"] == 10 and e["samples"] == 100 for e in evals)
     assert evals[0]["loss"] == evals[1]["loss"] == evals[2]["loss"]
     assert evals[0]["accuracy"] == evals[1]["accuracy"] == evals[2]["accuracy"]
+
+
+def test_ddp_on_one_process_runs_unwrapped_and_matches_single(reference, tmp_path):
+    """A one-rank DDP has nothing to all-reduce: the module stays bare (no collective per step)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from distrain.cluster import ClusterEnv
+    from distrain.strategies import replicated
+
+    module = torch.nn.Linear(2, 2)
+    assert replicated.ddp(module, SimpleNamespace(env=ClusterEnv(), device=torch.device("cpu"))) is module
+    run = tmp_path / "run"
+    run_train([*BASE, f"run.dir={run}", "strategy.name=ddp"], nproc=1)
+    assert max_abs_diff(final_weights(run), reference) == 0

@@ -27,6 +27,8 @@ def data_parallel(module, ctx):
 
 
 def ddp(module, ctx):
+    if ctx.env.world_size == 1:  # nothing to all-reduce; DDP would still pay a collective per step
+        return module
     return DistributedDataParallel(module, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
 
 
