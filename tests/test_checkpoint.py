@@ -165,3 +165,26 @@ def test_weights_check_tells_huge_finite_weights_from_non_finite_ones():
     with torch.no_grad():
         layer.bias[3] = float("nan")
     assert not weights_finite(layer, torch.device("cpu"))
+
+
+def test_crc_check_finds_the_record_with_a_flipped_byte_and_truncation(tmp_path):
+    import zlib
+
+    from distrain.checkpoint_io import crc32, verify_crc
+
+    payload = torch.arange(300_000, dtype=torch.float32)
+    assert crc32(payload.numpy().tobytes()) == zlib.crc32(payload.numpy().tobytes())
+    torch.save({"a": payload, "b": torch.ones(10)}, tmp_path / "model.pt")
+    assert verify_crc(tmp_path) is None
+    data = bytearray((tmp_path / "model.pt").read_bytes())
+    with zipfile.ZipFile(tmp_path / "model.pt") as z:
+        record = max(z.infolist(), key=lambda i: i.file_size)  # the 1.2 MB tensor
+        assert record.compress_type == zipfile.ZIP_STORED
+    at = data.index(payload[1000:1004].numpy().tobytes())
+    data[at] ^= 0x01
+    (tmp_path / "model.pt").write_bytes(bytes(data))
+    assert verify_crc(tmp_path) == f"model.pt: record {record.filename} fails its CRC check"
+    with zipfile.ZipFile(tmp_path / "model.pt") as z:
+        assert z.testzip() == record.filename  # the standard library agrees
+    (tmp_path / "model.pt").write_bytes(bytes(data[: len(data) // 2]))
+    assert verify_crc(tmp_path).startswith("model.pt: ")
