@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-LOOPS = ["distrain", "fabric", "accelerate"]
+LOOPS = ["distrain", "fabric", "accelerate", "distrain-gloo"]
 
 
 def main(src: str, out: str) -> None:

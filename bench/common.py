@@ -64,7 +64,8 @@ def hand_written(model_name: str, steps: int, batch: int, ddp: bool = False, **k
     return reference_loop(model_name, steps, batch, prepare, ddp=ddp, **kw)
 
 
-def with_distrain(model_name: str, steps: int, batch: int, seed: int = 0, lr: float = 1e-3, strategy: str = "single"):
+def with_distrain(model_name: str, steps: int, batch: int, seed: int = 0, lr: float = 1e-3, strategy: str = "single",
+                  extra: tuple = ()):
     """distrain's own loop through its CLI entry, in this process. Step times are distrain's
     `step_time_s` (data, forward, backward, norm/guard, optimizer step), each the mean of a
     window of LOG_EVERY steps, as a user would log (logging every step costs more than the step)."""
@@ -83,7 +84,7 @@ def with_distrain(model_name: str, steps: int, batch: int, seed: int = 0, lr: fl
                      f"run.dir={d}/run", f"run.seed={seed}", "train.epochs=null", f"train.max_steps={steps}",
                      f"train.log_every={LOG_EVERY}", "train.eval_every=0", "checkpoint.every_steps=0", f"optim.lr={lr}",
                      "optim.weight_decay=0.01", "sched.name=constant", "sched.warmup_steps=0",
-                     f"data.global_batch_size={batch}", f"strategy.name={strategy}", "log.level=warning"])
+                     f"data.global_batch_size={batch}", f"strategy.name={strategy}", "log.level=warning", *extra])
         assert code == 0, f"distrain exited {code}"
         rows = [json.loads(line) for line in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
         times = [r["step_time_s"] for r in rows if r["split"] == "train" and r["step"] % LOG_EVERY == 0]

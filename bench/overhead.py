@@ -5,7 +5,7 @@ model, data, sample order, init, optimizer and seed.
     python bench/overhead.py ddp [--rounds 7] [--steps 600]      # 2 gloo ranks, a torchrun per loop
     python bench/overhead.py startup [--rounds 7]                # import, and launch to first step
     python bench/overhead.py import [--rounds 15]                # distrain's modules after torch
-    ... [--loops hand distrain fabric accelerate]                # default: every installed one
+    ... [--loops hand distrain fabric accelerate distrain-gloo]  # default: every installed one
 
 Method: a round is one fresh process (one fresh torchrun for ddp, whose rank 0 reports)
 that runs every loop once, one after the other, the order rotating between rounds (A B C D,
@@ -187,7 +187,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--loops", nargs="+", default=available(), choices=["hand", "distrain", "fabric", "accelerate"])
+    p.add_argument("--loops", nargs="+", choices=["hand", "distrain", "fabric", "accelerate", "distrain-gloo"],
+                   help="default: every installed one, and for ddp distrain-gloo (its all-reduce on gloo's TCP path)")
     p.add_argument("--json", type=Path, help="append the summary to this JSON list (bench/chart.py plots it)")
     args = p.parse_args()
     if args.case == "import":
@@ -195,7 +196,8 @@ def main() -> None:
         print(f"import of distrain's training modules after torch: median {statistics.median(extra):.4f} s "
               f"(min {min(extra):.4f}, max {max(extra):.4f}; target <= 0.10 s)")
         return
-    loops = ["hand"] + [x for x in args.loops if x != "hand"]
+    chosen = args.loops or available() + (["distrain-gloo"] if args.case == "ddp" else [])
+    loops = ["hand"] + [x for x in chosen if x != "hand"]
     print(f"{args.case} / {args.model}, batch {args.batch}, {args.steps} steps, {args.rounds} rounds, loops {loops}")
     rounds = []
     with tempfile.TemporaryDirectory() as d:

@@ -50,7 +50,15 @@ def distrain(model_name: str, steps: int, batch: int, ddp: bool = False, **kw):
     return with_distrain(model_name, steps, batch, strategy="ddp" if ddp else "single", **kw)
 
 
-LOOPS = {"hand": hand, "distrain": distrain, "fabric": fabric, "accelerate": accelerate}
+def distrain_gloo(model_name: str, steps: int, batch: int, ddp: bool = False, **kw):
+    """distrain with DDP's gradients on gloo's TCP all-reduce, as the other loops have them."""
+    from bench.common import with_distrain
+
+    return with_distrain(model_name, steps, batch, strategy="ddp" if ddp else "single",
+                         extra=("strategy.shm_allreduce=false",), **kw)
+
+
+LOOPS = {"hand": hand, "distrain": distrain, "fabric": fabric, "accelerate": accelerate, "distrain-gloo": distrain_gloo}
 IMPORTS = {"hand": "torch", "distrain": "distrain.train", "fabric": "lightning", "accelerate": "accelerate"}
 
 

@@ -29,7 +29,14 @@ def data_parallel(module, ctx):
 def ddp(module, ctx):
     if ctx.env.world_size == 1:  # nothing to all-reduce; DDP would still pay a collective per step
         return module
-    return DistributedDataParallel(module, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    wrapped = DistributedDataParallel(module, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    if ctx.backend == "gloo" and ctx.device.type == "cpu" and ctx.cfg.strategy.shm_allreduce:
+        from . import shm_allreduce
+
+        if shm_allreduce.attach(wrapped):
+            log.info("ddp: gradients all-reduced through shared memory (all %d ranks on this machine)",
+                     ctx.env.world_size)
+    return wrapped
 
 
 class Replicated:
