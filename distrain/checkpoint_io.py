@@ -31,9 +31,11 @@ class UnsafeCheckpointError(Exception):
     pass
 
 
-def safe_load(path: Path, map_location="cpu"):
+def safe_load(path: Path, map_location="cpu", mmap: bool = False):
+    """torch.load restricted to tensors and plain containers. With mmap, tensors are views of the
+    file's pages: what the caller keeps past the load it must copy out (see strategies.common)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise _unsafe(path, str(e).splitlines()[0]) from None
 

@@ -188,3 +188,27 @@ def test_crc_check_finds_the_record_with_a_flipped_byte_and_truncation(tmp_path)
         assert z.testzip() == record.filename  # the standard library agrees
     (tmp_path / "model.pt").write_bytes(bytes(data[: len(data) // 2]))
     assert verify_crc(tmp_path).startswith("model.pt: ")
+
+
+def test_loaded_state_does_not_live_in_the_mapped_file(tmp_path):
+    from distrain.strategies.common import load_full, save_full
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(32, 8)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 32)).sum().backward()
+    opt.step()
+    save_full(tmp_path, model, opt, None)
+    fresh = torch.nn.Linear(32, 8)
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    load_full(tmp_path, fresh, fresh_opt, None, torch.device("cpu"))
+    weights = {k: v.clone() for k, v in fresh.state_dict().items()}
+    moments = [s["exp_avg_sq"].clone() for s in fresh_opt.state.values()]
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(a, s["exp_avg_sq"]) for a, s in zip(moments, opt.state.values()))
+    with open(tmp_path / "model.pt", "r+b") as f:  # scribble over the file in place, pages and all
+        size = f.seek(0, 2)
+        f.seek(0)
+        f.write(b"\x7f" * size)
+    assert all(torch.equal(weights[k], v) for k, v in fresh.state_dict().items())
+    assert all(torch.equal(a, s["exp_avg_sq"]) for a, s in zip(moments, fresh_opt.state.values()))

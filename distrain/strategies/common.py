@@ -79,6 +79,16 @@ def total_norm(grads: list) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
 
 
+def _detached_from_file(optimizer_state: dict, device) -> dict:
+    """The optimizer keeps CPU tensors as given: copy them out of the file mapping (its state
+    must not live in the checkpoint's pages). On other devices it copies them itself."""
+    if device.type != "cpu":
+        return optimizer_state
+    state = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
+             for k, s in optimizer_state["state"].items()}
+    return {**optimizer_state, "state": state}
+
+
 def maybe_compile(module: nn.Module, enabled: bool) -> nn.Module:
     return torch.compile(module) if enabled else module
 
@@ -94,8 +104,10 @@ def save_full(path: Path, module: nn.Module, optimizer, scaler) -> None:
 def load_full(path: Path, module: nn.Module, optimizer, scaler, device) -> None:
     from ..checkpoint_io import safe_load
 
-    state = safe_load(path / "model.pt", map_location=device)
+    # mapped, not read: the weights are copied once, from the page cache straight into the
+    # parameters, instead of into fresh memory first and then into the parameters
+    state = safe_load(path / "model.pt", mmap=True)
     module.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(_detached_from_file(state["optimizer"], device))
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
