@@ -55,7 +55,7 @@ def distrain_gloo(model_name: str, steps: int, batch: int, ddp: bool = False, **
     from bench.common import with_distrain
 
     return with_distrain(model_name, steps, batch, strategy="ddp" if ddp else "single",
-                         extra=("strategy.shm_allreduce=false",), **kw)
+                         extra=("strategy.shared_memory=false",), **kw)
 
 
 LOOPS = {"hand": hand, "distrain": distrain, "fabric": fabric, "accelerate": accelerate, "distrain-gloo": distrain_gloo}

@@ -91,7 +91,7 @@ class StrategyConfig:
     zero_stage: int = 2
     offload: Literal["none", "optimizer", "optimizer+params"] = "none"
     timeout_s: int = 600
-    shm_allreduce: bool = True  # ddp on CPU, all ranks on one machine: gradients through shared memory
+    shared_memory: bool = True  # CPU ranks all on one machine: gradients and per-step agreement through it
     deepspeed: dict = field(default_factory=dict)  # passthrough of extra DeepSpeed config keys
 
 

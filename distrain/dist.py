@@ -28,8 +28,14 @@ def choose_device(env: ClusterEnv, requested: str, strategy: str) -> torch.devic
     return torch.device("cuda", env.local_rank)
 
 
-def init(env: ClusterEnv, backend: str, device: torch.device, timeout_s: int, needs_group: bool = False) -> None:
-    """Join the job's process group; a lone process gets a group of one when its strategy needs one."""
+_host_group = None
+
+
+def init(env: ClusterEnv, backend: str, device: torch.device, timeout_s: int, needs_group: bool = False,
+         shared_memory: bool = True) -> None:
+    """Join the job's process group; a lone process gets a group of one when its strategy needs one.
+    CPU ranks that all share this machine also get a host group (distrain.shm), unless told not to."""
+    global _host_group
     if not (env.distributed or needs_group) or dist.is_initialized():
         return
     if device.type == "cuda":
@@ -47,9 +53,20 @@ def init(env: ClusterEnv, backend: str, device: torch.device, timeout_s: int, ne
         kwargs = {"init_method": f"tcp://127.0.0.1:{_free_port()}"}
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
                             device_id=device if backend == "nccl" else None, **kwargs)
+    if shared_memory and backend == "gloo" and device.type == "cpu" and env.world_size > 1:
+        from .shm import HostGroup
+
+        _host_group = HostGroup.create(timeout_s)
+
+
+def host_group():
+    """The shared-memory group of this machine's ranks (all of the job's), or None."""
+    return _host_group
 
 
 def shutdown() -> None:
+    global _host_group
+    _host_group = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -84,9 +101,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if active():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-
 
 
 def _free_port() -> int:

@@ -71,7 +71,8 @@ def run(cfg, env) -> int:
     checkpointer = Checkpointer(cfg, env)
     checkpointer.check_run_dir()  # before any process waits on another: a refusal is a config error
 
-    dist.init(env, backend, device, cfg.strategy.timeout_s, needs_group=cfg.strategy.name in ("ddp", "fsdp", "deepspeed"))
+    dist.init(env, backend, device, cfg.strategy.timeout_s, needs_group=cfg.strategy.name in ("ddp", "fsdp", "deepspeed"),
+              shared_memory=cfg.strategy.shared_memory)
     run_dir = cfg.run_dir
     log = setup_logging(run_dir, env.rank, env.world_size, cfg.log.level)
     for w in early_warnings:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import dist
 from . import common
 
 log = logging.getLogger("distrain")
@@ -30,10 +31,10 @@ def ddp(module, ctx):
     if ctx.env.world_size == 1:  # nothing to all-reduce; DDP would still pay a collective per step
         return module
     wrapped = DistributedDataParallel(module, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-    if ctx.backend == "gloo" and ctx.device.type == "cpu" and ctx.cfg.strategy.shm_allreduce:
+    if dist.host_group() is not None:
         from . import shm_allreduce
 
-        if shm_allreduce.attach(wrapped):
+        if shm_allreduce.attach(wrapped, dist.host_group()):
             log.info("ddp: gradients all-reduced through shared memory (all %d ranks on this machine)",
                      ctx.env.world_size)
     return wrapped

@@ -1,0 +1,153 @@
+"""Shared memory between the CPU ranks of one machine: DDP's gradient all-reduce (gloo's
+exact result on two ranks, one agreed result on more), its flag barrier (a dead or stuck
+peer is an error, not a hang), the preemption agreement over it, and the fall-back to gloo
+when the ranks do not share memory."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import CONFIGS, final_weights, run_train
+
+BASE = ["--config", CONFIGS / "digits_mlp.yaml", "train.epochs=null", "train.max_steps=60", "train.eval_every=0",
+        "strategy.name=ddp"]
+
+
+def _leftovers() -> set:
+    from distrain.shm import shared_dir
+
+    return {p for p in os.listdir(shared_dir()) if p.startswith("distrain-")}
+
+
+def test_two_ranks_match_gloo_bitwise_and_leave_nothing_behind(tmp_path):
+    before = _leftovers()
+    run_train([*BASE, f"run.dir={tmp_path / 'shm'}"], nproc=2)
+    run_train([*BASE, f"run.dir={tmp_path / 'gloo'}", "strategy.shared_memory=false"], nproc=2)
+    shm, gloo = final_weights(tmp_path / "shm"), final_weights(tmp_path / "gloo")
+    assert all(torch.equal(shm[k], gloo[k]) for k in gloo)
+    assert _leftovers() == before
+    assert "through shared memory" in (tmp_path / "shm" / "logs" / "rank0.log").read_text()
+    assert "through shared memory" not in (tmp_path / "gloo" / "logs" / "rank0.log").read_text()
+
+
+def _join(rank: int, world: int, port: int, split_dirs: str | None = None):
+    torch.set_num_threads(1)
+    from distrain import shm
+
+    if split_dirs:  # each rank looks in its own directory: as if on different machines
+        mine = Path(split_dirs) / str(rank)
+        mine.mkdir(parents=True, exist_ok=True)
+        shm.shared_dir = lambda: str(mine)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    return shm
+
+
+def _allreduce_worker(rank: int, world: int, port: int, split_dirs: str | None, out: str) -> None:
+    shm = _join(rank, world, port, split_dirs)
+    from distrain.strategies.shm_allreduce import ShmAllReduce
+
+    group = shm.HostGroup.create(timeout_s=60)
+    if group is None:
+        torch.save({"shared": False}, f"{out}/rank{rank}.pt")
+    else:
+        state, results = ShmAllReduce.create(group, slot_bytes=4096), []
+        for step in range(3):  # more calls than buffers: the alternation is exercised
+            group.barrier()  # a barrier of its own between calls (as the preemption check makes)
+            for dtype in (torch.float32, torch.bfloat16):
+                g = torch.Generator().manual_seed(100 * step + rank)
+                bucket = torch.randn(1000, generator=g).to(dtype)
+                results.append(state.allreduce(bucket.clone()))
+        torch.save({"shared": True, "results": results}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _spawn(fn, world: int, *args) -> None:
+    from distrain.dist import _free_port
+
+    mp.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=True)
+
+
+def test_three_ranks_agree_on_the_mean_of_every_bucket(tmp_path):
+    _spawn(_allreduce_worker, 3, None, str(tmp_path))
+    out = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
+    assert all(o["shared"] for o in out)
+    i = 0
+    for step in range(3):
+        for dtype in (torch.float32, torch.bfloat16):
+            inputs = [torch.randn(1000, generator=torch.Generator().manual_seed(100 * step + r)).to(dtype)
+                      for r in range(3)]
+            expected = sum(x.double() / 3 for x in inputs)
+            for o in out:
+                assert torch.equal(o["results"][i], out[0]["results"][i])  # the same bits on every rank
+            tol = 1e-6 if dtype == torch.float32 else 2e-2
+            assert torch.allclose(out[0]["results"][i].double(), expected, atol=tol)
+            i += 1
+
+
+def test_ranks_that_do_not_share_memory_fall_back_to_gloo(tmp_path):
+    _spawn(_allreduce_worker, 2, str(tmp_path / "dirs"), str(tmp_path))
+    out = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [o["shared"] for o in out] == [False, False]
+    assert not any(p.name.startswith("distrain-") for p in (tmp_path / "dirs").rglob("*"))
+
+
+def _barrier_worker(rank: int, world: int, port: int, peer_fate: str, timeout_s: float, out: str) -> None:
+    shm = _join(rank, world, port)
+    group = shm.HostGroup.create(timeout_s)
+    group.barrier()
+    if rank == 1:
+        if peer_fate == "exits":
+            os._exit(0)
+        Path(f"{out}/done").touch()
+        while not Path(f"{out}/error").exists():  # alive, never at the barrier: stuck
+            os.sched_yield()
+        os._exit(0)
+    try:
+        group.barrier()
+        Path(f"{out}/error").write_text("no error")
+    except RuntimeError as e:
+        Path(f"{out}/error").write_text(str(e))
+    os._exit(0)  # gloo's teardown would wait on the missing peer
+
+
+def test_a_peer_that_exits_is_named_at_once_not_after_the_timeout(tmp_path):
+    _spawn(_barrier_worker, 2, "exits", 60.0, str(tmp_path))
+    assert (tmp_path / "error").read_text().startswith("rank(s) [1] exited while the others waited")
+
+
+def test_a_stuck_peer_fails_the_barrier_after_the_timeout(tmp_path):
+    _spawn(_barrier_worker, 2, "stuck", 1.0, str(tmp_path))
+    assert (tmp_path / "error").read_text() == "rank(s) [1] did not arrive within strategy.timeout_s=1"
+
+
+def _preempt_worker(rank: int, world: int, port: int, shared: bool, out: str) -> None:
+    shm = _join(rank, world, port)
+    from distrain import dist as ddist
+    from distrain.preempt import Preemption
+
+    ddist._host_group = shm.HostGroup.create(60) if shared else None
+    preemption = Preemption([], torch.device("cpu"))
+    stopped_at = None
+    for boundary in range(1, 30):
+        if rank == 1 and boundary == 7:
+            preemption.requested = True  # what the signal handler does
+        if rank == 0 and boundary % 3 == 0:
+            torch.randn(300, 300) @ torch.randn(300, 300)  # ranks reach boundaries at different times
+        if preemption.should_stop():
+            stopped_at = boundary
+            break
+    preemption.drain()
+    torch.save({"stopped_at": stopped_at, "shared": ddist.host_group() is not None}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_preemption_at_the_same_boundary(tmp_path):
+    for shared, expected in ((True, 7), (False, 8)):  # gloo's agreement is read one boundary later
+        _spawn(_preempt_worker, 2, shared, str(tmp_path))
+        out = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+        assert [o["stopped_at"] for o in out] == [expected, expected]
+        assert [o["shared"] for o in out] == [shared, shared]
