@@ -88,7 +88,7 @@ def run(cfg, env) -> int:
         _seed_everything(cfg.run.seed + env.rank)
         ctx = StrategyContext(cfg, env, device, backend, micro, accumulation)
         strategy = build_strategy(ctx)
-        strategy.setup(module, lambda params: build_optimizer(cfg.optim, params))
+        strategy.setup(module, lambda params, fused=False: build_optimizer(cfg.optim, params, fused))
         comm_device = device if backend == "nccl" else torch.device("cpu")
         metrics = MetricsWriter(run_dir, env.is_main, cfg.log.tensorboard)
         preemption = Preemption(cfg.checkpoint.preempt_signals, comm_device)

@@ -43,8 +43,11 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.steps_per_epoch
         self.step = 0
         self.skipped_steps = 0
+        self.unread_flags: list = []  # (step, device flag) of updates a GPU may have skipped, not yet read
         self.last_eval: dict | None = None
         self.best_eval: dict | None = None
+        # compiled with the model: the loss over a large vocabulary is a fused pass, not three kernels
+        self.loss = torch.compile(mean_loss) if cfg.train.compile else mean_loss
         self.flops_per_sample = flops_per_sample(strategy.module, meta)
         self.peak_flops = peak_flops(device)
 
@@ -94,6 +97,7 @@ class Trainer:
             progress.close()
         if self.preemption is not None:
             self.preemption.drain()
+        self.read_flags()
         self.run_eval()
         if self.checkpointer is not None:
             self.save_checkpoint(final=True)
@@ -114,7 +118,7 @@ class Trainer:
                 watchdog.phase = "forward"
                 t_fwd = time.perf_counter()
                 with s.autocast():
-                    loss = mean_loss(self.meta["task"], s.model(x), y)
+                    loss = self.loss(self.meta["task"], s.model(x), y)
                 busy += time.perf_counter() - t_fwd
                 watchdog.phase = "backward"
                 # weight each micro-batch by its share of the global batch, so that the gradient mean
@@ -128,16 +132,31 @@ class Trainer:
         number = self.step + 1
         grad_norm = s.step(self.cfg.train.grad_clip, want_norm=number % self.cfg.train.log_every == 0
                            or number == self.total_steps)  # the norm only where a log line shows it
-        if grad_norm is not None and not math.isfinite(grad_norm):  # the strategy did not apply the update
-            self.skipped_steps += 1
-            if self.cfg.train.on_nonfinite == "stop":
-                raise NonFiniteError(f"non-finite loss or gradient norm at step {number}; the update was not "
-                                     "applied (train.on_nonfinite=skip skips such steps instead)")
-            log.warning("step %d: non-finite loss or gradient norm, update skipped (%d so far)",
-                        number, self.skipped_steps)
+        if torch.is_tensor(grad_norm):  # on the GPU: read where the loop waits for it anyway
+            self.unread_flags.append((number, grad_norm))
+            grad_norm = None
+        elif grad_norm is not None and not math.isfinite(grad_norm):  # the strategy did not apply the update
+            self.skipped(number)
         return losses, batch.global_size, grad_norm, data_wait, busy
 
+    def skipped(self, number: int) -> None:
+        self.skipped_steps += 1
+        if self.cfg.train.on_nonfinite == "stop":
+            raise NonFiniteError(f"non-finite loss or gradient norm at step {number}; the update was not "
+                                 "applied (train.on_nonfinite=skip skips such steps instead)")
+        log.warning("step %d: non-finite loss or gradient norm, update skipped (%d so far)", number, self.skipped_steps)
+
+    def read_flags(self) -> None:
+        """Account for the steps the GPU skipped since the last read: at log lines, checkpoints and
+        the end, so a stop comes at most train.log_every steps late and no skipped update is ever applied."""
+        if self.unread_flags:
+            flags, self.unread_flags = self.unread_flags, []
+            for (number, _), bad in zip(flags, torch.stack([f for _, f in flags]).tolist()):
+                if bad:
+                    self.skipped(number)
+
     def log_train(self, window: Window, grad_norm, progress: Progress) -> None:
+        self.read_flags()
         loss, busy = window.reduce(self.comm_device)
         samples_per_s = window.samples / window.time
         record = {"step": self.step, "epoch": self.sampler.epoch, "split": "train", "loss": loss,
@@ -175,6 +194,7 @@ class Trainer:
         return result
 
     def save_checkpoint(self, final: bool = False) -> None:
+        self.read_flags()
         self.watchdog.phase = "checkpoint"
         self.checkpointer.save(self, final=final)
         self.watchdog.phase = "data"

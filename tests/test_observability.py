@@ -147,3 +147,57 @@ def test_optimizer_step_skips_exactly_the_non_finite_updates(want_norm, bad):
         assert moved == [True, True] and (norm is None) != want_norm
     else:
         assert moved == [False, False] and not torch.isfinite(torch.tensor(norm))
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+@pytest.mark.parametrize("bad", [float("nan"), None])
+def test_fused_optimizer_skips_a_non_finite_step_on_the_device(clip, bad, monkeypatch):
+    """The GPU path (no host sync) run on the CPU: the flag comes back as a tensor, a bad step moves
+    nothing (weights, moments, step count), a good one equals the fused optimizer's plain step."""
+    from distrain.strategies import common
+
+    monkeypatch.setattr(common, "skips_on_device", lambda optimizer, grads: True)
+    layers = [torch.nn.Linear(4, 3) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    opts = [torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True) for layer in layers]
+    for layer, opt in zip(layers, opts):  # one clean step first: moments exist
+        layer(torch.ones(2, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        layer(torch.arange(8.0).view(2, 4)).sum().backward()
+        if bad is not None:
+            layer.bias.grad[1] = bad
+    before = {k: v.clone() for k, v in opts[0].state_dict()["state"][0].items()}
+    weights = [p.detach().clone() for p in layers[0].parameters()]
+    flag = common.optimizer_step(opts[0], list(layers[0].parameters()), clip, want_norm=False)
+    assert torch.is_tensor(flag) and flag.item() == (0.0 if bad is None else 1.0)
+    assert all(p.grad is None for p in layers[0].parameters())
+    if bad is None:
+        if clip:
+            torch.nn.utils.clip_grad_norm_(layers[1].parameters(), clip)
+        opts[1].step()
+        assert all(torch.equal(a, b) for a, b in zip(layers[0].parameters(), layers[1].parameters()))
+    else:
+        assert all(torch.equal(a, p) for a, p in zip(weights, layers[0].parameters()))
+        after = opts[0].state_dict()["state"][0]
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_flags_read_late_still_count_and_stop(monkeypatch, tmp_path):
+    """skip and stop when the check is a device flag read at log lines and checkpoints (the GPU path)."""
+    from distrain import optim
+    from distrain.strategies import common
+    from distrain.train import main
+
+    build = optim.build_optimizer
+    monkeypatch.setattr(common, "skips_on_device", lambda optimizer, grads: True)
+    monkeypatch.setattr(optim, "build_optimizer", lambda cfg, params, fused=False: build(cfg, params, True))
+    skip, stop = tmp_path / "skip", tmp_path / "stop"
+    assert main([*map(str, explode(skip, "single")), "train.log_every=4", "checkpoint.every_steps=0",
+                 "train.on_nonfinite=skip"]) == 0
+    assert metrics(skip, "train")[-1]["skipped_steps"] > 0
+    assert_no_nan_checkpoint(skip)
+    assert main([*map(str, explode(stop, "single")), "train.log_every=4", "checkpoint.every_steps=3",
+                 "train.on_nonfinite=stop"]) != 0
+    assert "non-finite loss or gradient norm at step" in (stop / "logs" / "rank0.log").read_text()
+    assert_no_nan_checkpoint(stop)

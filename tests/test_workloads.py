@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import CONFIGS, final_weights, metrics, train_inprocess
+from conftest import CONFIGS, final_weights, metrics, run_train, train_inprocess
 
 
 def write_mnist(root, n_train=256, n_test=64):
@@ -97,6 +97,25 @@ def test_gpt_tiny_learns(tmp_path):
     assert_learns(run)
     weights = final_weights(run)
     assert "blocks.1.qkv.weight" in weights
+
+
+def test_gpt_flops_count_parameters_that_zero3_partitioned(tmp_path):
+    """ZeRO-3 leaves an empty tensor in each parameter's place; the MFU's FLOP count must not shrink."""
+    import torch
+
+    from distrain.models.gpt import gpt
+
+    model = gpt(vocab_size=50, seq_len=16, n_layer=2, n_head=2, d_model=32)
+    full = model.flops_per_token()
+    for p in model.parameters():
+        p.ds_numel, p.data = p.numel(), torch.empty(0)
+    assert model.flops_per_token() == full
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    run = tmp_path / "run"
+    run_train(["--config", CONFIGS / "gpt_tiny.yaml", f"run.dir={run}", f"data.path={text}", "train.max_steps=4",
+               "train.log_every=2", "data.global_batch_size=8", "strategy.name=deepspeed", "strategy.zero_stage=3"])
+    assert metrics(run, "train")[-1]["step"] == 4
 
 
 def test_digits_demo_reaches_95_percent(tmp_path):

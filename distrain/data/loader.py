@@ -25,6 +25,9 @@ class StepLoader:
             step = self.sampler.next_step()
             tensors = self.dataset.tensors
             if tensors[0].device == self.device:
+                if self.device.type != "cpu":  # a blocking copy of the indices would wait for the GPU each step
+                    return step, [tuple(t[i.to(self.device, non_blocking=True)] for t in tensors)
+                                  for i in step.micro_batches]
                 return step, [tuple(t[i] for t in tensors) for i in step.micro_batches]
             return step, [tuple(t[i].to(self.device, non_blocking=True) for t in tensors) for i in step.micro_batches]
         if self._iter is None:

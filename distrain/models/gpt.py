@@ -33,7 +33,7 @@ class GPT(nn.Module):
         super().__init__()
         if d_model % n_head:
             raise ValueError(f"model.d_model={d_model} is not divisible by model.n_head={n_head}")
-        self.seq_len, self.activation_checkpointing = seq_len, activation_checkpointing
+        self.seq_len, self.d_model, self.activation_checkpointing = seq_len, d_model, activation_checkpointing
         self.tok = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(seq_len, d_model)
         self.blocks = nn.ModuleList(Block(d_model, n_head, dropout) for _ in range(n_layer))
@@ -64,9 +64,9 @@ class GPT(nn.Module):
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6N for the weights plus attention (PaLM's appendix B)."""
-        n = sum(p.numel() for p in self.parameters()) - self.pos.weight.numel()
-        layers, d = len(self.blocks), self.tok.weight.shape[1]
-        return 6 * n + 12 * layers * d * self.seq_len
+        # ZeRO-3 leaves each rank an empty tensor in place of a parameter: ds_numel is its full size
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters()) - self.seq_len * self.d_model
+        return 6 * n + 12 * len(self.blocks) * self.d_model * self.seq_len
 
 
 def gpt(vocab_size: int = 256, seq_len: int = 64, n_layer: int = 2, n_head: int = 2, d_model: int = 64,

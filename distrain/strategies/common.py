@@ -29,10 +29,16 @@ def optimizer_step(optimizer, params: list, grad_clip: float | None, scaler=None
     None when the update was applied without it, and a non-finite value when the step was
     skipped. Without clipping, the non-finite check is one fused pass over the gradients
     instead of a norm: the norm is only needed on the steps that log it.
+
+    A fused optimizer on a GPU skips a non-finite step itself, as under GradScaler: then the
+    result is the device flag (1.0: skipped), for the caller to read when it syncs anyway.
+    Reading it here would stall the host on the GPU every step.
     """
     if scaler is not None:
         scaler.unscale_(optimizer)
     grads = [p.grad for p in params if p.grad is not None]
+    if scaler is None and not want_norm and skips_on_device(optimizer, grads):
+        return _step_unless_nonfinite(optimizer, params, grads, grad_clip)
     if grad_clip or want_norm:
         norm = total_norm(grads)
         if grad_clip:
@@ -50,7 +56,41 @@ def optimizer_step(optimizer, params: list, grad_clip: float | None, scaler=None
     return value if finite or value is not None else math.nan
 
 
+def skips_on_device(optimizer, grads: list) -> bool:
+    return (bool(grads) and grads[0].device.type == "cuda" and len({g.device for g in grads}) == 1
+            and all(group.get("fused") for group in optimizer.param_groups))
+
+
+def _step_unless_nonfinite(optimizer, params: list, grads: list, grad_clip: float | None) -> torch.Tensor:
+    if grad_clip:
+        norm = total_norm(grads)
+        nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], grad_clip, norm)
+        found = torch.logical_not(torch.isfinite(norm)).float()
+    else:
+        found = nonfinite_flag(grads)
+    optimizer.grad_scale, optimizer.found_inf = None, found  # what fused kernels read (GradScaler's protocol)
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+    optimizer.zero_grad(set_to_none=True)
+    return found
+
+
 _ONES: dict = {}
+
+
+def nonfinite_flag(grads: list) -> torch.Tensor:
+    """1.0 if any gradient (all on one device) holds an inf or NaN, else 0.0; no host sync."""
+    device = grads[0].device
+    if device not in _ONES:
+        _ONES[device] = torch.ones(1, device=device)
+    found, by_dtype = torch.zeros((), device=device), {}  # 0-dim, as GradScaler makes it
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for group in by_dtype.values():  # GradScaler's fused check, unscaling by exactly 1
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found, _ONES[device])
+    return found
 
 
 def all_finite(grads: list) -> bool:
@@ -58,14 +98,7 @@ def all_finite(grads: list) -> bool:
     groups: dict = {}
     for g in grads:
         groups.setdefault((g.device, g.dtype), []).append(g)
-    for (device, _), group in groups.items():
-        if device not in _ONES:
-            _ONES[device] = torch.ones(1, device=device)
-        found = torch.zeros(1, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(group, found, _ONES[device])
-        if found.item():
-            return False
-    return True
+    return not any(nonfinite_flag(group).item() for group in groups.values())
 
 
 def total_norm(grads: list) -> torch.Tensor:

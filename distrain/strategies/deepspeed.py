@@ -39,6 +39,18 @@ def deepspeed_config(ctx) -> dict:
     return _merge(config, cfg.strategy.deepspeed)
 
 
+class HalfInputs(torch.nn.Module):
+    """DeepSpeed's bf16/fp16 engines hold 16-bit weights and turn autocast off around the module:
+    floating-point inputs are cast to the weights' dtype, as DeepSpeed expects of its callers."""
+
+    def __init__(self, engine, dtype: torch.dtype):
+        super().__init__()
+        self.engine, self.dtype = engine, dtype
+
+    def forward(self, *inputs):
+        return self.engine(*(x.to(self.dtype) if torch.is_floating_point(x) else x for x in inputs))
+
+
 class DeepSpeed:
     name = "deepspeed"
 
@@ -62,7 +74,10 @@ class DeepSpeed:
         self.engine, *_ = deepspeed.initialize(
             model=module, optimizer=self.optimizer, config=deepspeed_config(self.ctx), dist_init_required=False)
         self.module = self.engine.module
-        self.model = common.maybe_compile(self.engine, self.ctx.compile)
+        model = self.engine
+        if self.ctx.precision in common.AMP_DTYPES:
+            model = HalfInputs(self.engine, common.AMP_DTYPES[self.ctx.precision])
+        self.model = common.maybe_compile(model, self.ctx.compile)
 
     def sync(self, enabled: bool):
         return contextlib.nullcontext()  # reductions happen at engine.step(), the boundary

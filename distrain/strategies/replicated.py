@@ -50,7 +50,7 @@ class Replicated:
         self.wrapped = self.wrap(self.module, self.ctx)
         self.model = common.maybe_compile(self.wrapped, self.ctx.compile)
         self.params = list(self.module.parameters())
-        self.optimizer = make_optimizer(self.params)
+        self.optimizer = make_optimizer(self.params, fused=self.ctx.device.type == "cuda")
 
     def sync(self, enabled: bool):
         # DDP: accumulation micro-steps keep gradients local; only the last one all-reduces

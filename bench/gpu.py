@@ -1,0 +1,464 @@
+"""GPU checks and benchmarks, for a machine with one CUDA GPU, in one run.
+
+    python bench/gpu.py [--parts strategies resume memory overhead mfu profile] [--out DIR] [--report DIR] [--small]
+
+strategies  every strategy under torchrun on cuda:0 with nccl (world size 1) against `single`
+            (25 AdamW steps, clipping on): final weights within 1e-5; fp16 (GradScaler), bf16 and
+            torch.compile runs train (loss down, finite weights)
+resume      SIGKILL mid-epoch, then the same command: final weights bit for bit those of the
+            uninterrupted run (single, ddp, fsdp, ZeRO-2)
+memory      peak CUDA memory of a fp32 GPT (~250M parameters, batch 1) under ddp and ZeRO-2/3
+            against the 16 bytes/parameter of weights, gradients and Adam's two moments
+overhead    ResNet-18 on CIFAR-shaped data that lives on the GPU: distrain against a hand-written
+            loop in one process, interleaved rounds, images/s ratio (target >= 0.99)
+mfu         GPT-2 small shape (124M, seq 1024), bf16, torch.compile, single and ddp: tokens/s and
+            MFU against the card's dense bf16 peak, and a profile of three steps
+
+The functional checks run several trainings at once (each is far too small to fill the GPU);
+the timed parts run alone. --small shrinks every size so that the script itself can be tried
+on a CPU. Results: a table on stdout, details as JSON and logs under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CONFIG = str(ROOT / "configs" / "digits_mlp.yaml")
+BARE = ""  # main() writes a config with no model section here, for the GPT and ResNet runs
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+       "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+DEADLINE = [float("inf")]  # time.monotonic() after which no run starts and running ones are stopped
+
+
+# data and models the runs load by import path ------------------------------------------------
+
+def tokens(n_train: int = 64, n_eval: int = 8, seq_len: int = 1024, vocab_size: int = 50304, seed: int = 0):
+    """Random token windows, already on the GPU when there is one (the LM cases measure the model)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(vocab_size, (n_train + n_eval, seq_len + 1), generator=g)
+    t = t.cuda() if torch.cuda.is_available() else t
+    x, y = t[:, :-1], t[:, 1:]
+    meta = {"task": "lm", "vocab_size": vocab_size, "seq_len": seq_len}
+    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:]), meta
+
+
+def images(n_train: int = 4096, n_eval: int = 256, seed: int = 0):
+    """CIFAR-shaped random images and labels on the GPU."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n_train + n_eval, 3, 32, 32, generator=g), torch.randint(10, (n_train + n_eval,), generator=g)
+    if torch.cuda.is_available():
+        x, y = x.cuda(), y.cuda()
+    meta = {"task": "classification", "in_shape": (3, 32, 32), "num_classes": 10}
+    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:]), meta
+
+
+# running distrain -----------------------------------------------------------------------------
+
+def launch(args: list, nproc: int, log: Path, timeout: int = 150) -> int:
+    """distrain.train under torchrun (nproc >= 1) or as a plain process (nproc 0); output to `log`."""
+    cmd = [sys.executable, "-m", "distrain.train"] if nproc == 0 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "distrain.train"]
+    timeout = min(timeout, DEADLINE[0] - time.monotonic())
+    with open(log, "a") as f:
+        f.write(" ".join(map(str, cmd + args)) + "\n")
+        if timeout <= 0:
+            f.write("not started: out of time\n")
+            return -1
+        f.flush()
+        try:
+            return subprocess.run(cmd + [str(a) for a in args], stdout=f, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT,
+                                  timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            f.write(f"timed out after {timeout} s\n")
+            return -1
+
+
+def rows(run: Path, split: str = "train") -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == split]
+
+
+def weights(run: Path):
+    import torch
+
+    path = run / "final" / "model.pt"
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+
+def max_diff(a: dict, b: dict) -> float:
+    if a is None or b is None or a.keys() != b.keys():
+        return float("inf")
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def device_of(log: Path) -> str:
+    """The 'cuda:0/nccl' part of distrain's start-up line."""
+    for line in log.read_text().splitlines():
+        if "distrain:" in line and " process(es), " in line:
+            return line.split(" process(es), ")[1].split(",")[0]
+    return "?"
+
+
+def pool(jobs: dict, workers: int) -> dict:
+    with concurrent.futures.ThreadPoolExecutor(workers) as ex:
+        futures = {name: ex.submit(fn) for name, fn in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+# parts ----------------------------------------------------------------------------------------
+
+STRATEGY_BASE = ["--config", CONFIG, "train.epochs=null", "train.max_steps=25", "train.log_every=5",
+                 "checkpoint.every_steps=0", "optim.name=adamw", "optim.lr=0.01", "sched.warmup_steps=5",
+                 "data.global_batch_size=64", "train.grad_clip=1.0", "model.hidden=[32,32]"]
+STRATEGIES = {
+    "ddp": ["strategy.name=ddp"], "fsdp": ["strategy.name=fsdp"], "dp": ["strategy.name=dp"],
+    "zero1": ["strategy.name=deepspeed", "strategy.zero_stage=1"],
+    "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2"],
+    "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"],
+    "zero2-offload": ["strategy.name=deepspeed", "strategy.zero_stage=2", "strategy.offload=optimizer"],
+    "zero3-offload": ["strategy.name=deepspeed", "strategy.zero_stage=3", "strategy.offload=optimizer+params"],
+    "ddp-accumulation": ["strategy.name=ddp", "data.micro_batch_size=8"],
+}
+TRAINS = {  # these change the arithmetic: they must train, not match fp32 single
+    "single-fp16": ["strategy.name=single", "train.precision=fp16"],
+    "single-bf16-compile": ["strategy.name=single", "train.precision=bf16", "train.compile=true"],
+    "ddp-bf16": ["strategy.name=ddp", "train.precision=bf16"],
+    "ddp-compile": ["strategy.name=ddp", "train.compile=true"],
+    "fsdp-bf16": ["strategy.name=fsdp", "train.precision=bf16"],
+    "zero2-bf16": ["strategy.name=deepspeed", "strategy.zero_stage=2", "train.precision=bf16"],
+    "zero3-fp16": ["strategy.name=deepspeed", "strategy.zero_stage=3", "train.precision=fp16"],
+}
+
+
+def part_strategies(out: Path, small: bool) -> list[dict]:
+    def run(name, extra, nproc):
+        d = out / "strategies" / name
+        d.mkdir(parents=True, exist_ok=True)
+        code = launch([*STRATEGY_BASE, f"run.dir={d / 'run'}", *extra], nproc, d / "log.txt")
+        return code, d
+
+    ref_code, ref_dir = run("single", ["strategy.name=single"], 0)
+    ref = weights(ref_dir / "run")
+    jobs = {n: (lambda n=n, e=e: run(n, e, 1)) for n, e in {**STRATEGIES, **TRAINS}.items()}
+    done = pool(jobs, 8)
+    results = [{"case": "single", "exit": ref_code, "device": device_of(ref_dir / "log.txt"), "ok": ref_code == 0}]
+    for name, (code, d) in done.items():
+        train, ev = rows(d / "run"), rows(d / "run", "eval")
+        r = {"case": name, "exit": code, "device": device_of(d / "log.txt"),
+             "eval_accuracy": ev[-1].get("accuracy") if ev else None}
+        if name in STRATEGIES:
+            r["max_diff_to_single"] = max_diff(weights(d / "run"), ref)
+            r["ok"] = code == 0 and r["max_diff_to_single"] <= 1e-5
+        else:
+            w = weights(d / "run")
+            finite = w is not None and all(bool(v.float().isfinite().all()) for v in w.values())
+            r["loss_first_last"] = [train[0]["loss"], train[-1]["loss"]] if train else None
+            r["ok"] = code == 0 and finite and bool(train) and train[-1]["loss"] < train[0]["loss"]
+        results.append(r)
+    return results
+
+
+RESUME_CASES = {  # name: (nproc, strategy args, kill at this training forward: mid-epoch, mid-accumulation)
+    "single": (0, ["strategy.name=single"], 13 * 4 + 2),
+    "ddp": (1, ["strategy.name=ddp"], 13 * 4 + 1),
+    "fsdp": (1, ["strategy.name=fsdp"], 13 * 4 + 1),
+    "zero2": (1, ["strategy.name=deepspeed", "strategy.zero_stage=2"], 19 * 4),
+}
+
+
+def resume_args(run: Path, strategy: list, **model) -> list:
+    return ["--config", CONFIG, f"run.dir={run}", "model.name=tests.faults:killable_mlp", "model.hidden=[32,32]",
+            "train.epochs=null", "train.max_steps=30", "train.eval_every=10", "checkpoint.every_steps=8",
+            "train.log_every=5", "data.global_batch_size=64", "data.micro_batch_size=16", "data.eval_batch_size=128",
+            "optim.lr=0.01", *strategy, *[f"model.{k}={v}" for k, v in model.items()]]
+
+
+def part_resume(out: Path, small: bool) -> list[dict]:
+    def case(name):
+        nproc, strategy, kill_at = RESUME_CASES[name]
+        d = out / "resume" / name
+        d.mkdir(parents=True, exist_ok=True)
+        ref = launch(resume_args(d / "ref", strategy), nproc, d / "ref.txt")
+        args = resume_args(d / "run", strategy, kill_at=kill_at, marker=d / "killed")
+        first = launch(args, nproc, d / "run.txt")
+        second = launch(args, nproc, d / "run.txt")
+        a, b = weights(d / "ref"), weights(d / "run")
+        same = a is not None and b is not None and a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+        killed = first != 0 and bool(list(d.glob("killed.rank*")))
+        resumed = "resumed from" in (d / "run.txt").read_text()
+        return {"case": name, "device": device_of(d / "ref.txt"), "killed": killed, "resumed": resumed,
+                "exit": [ref, first, second], "bitwise_equal": same, "ok": ref == 0 and second == 0 and killed and resumed and same}
+
+    return list(pool({n: (lambda n=n: case(n)) for n in RESUME_CASES}, 4).values())
+
+
+def gpt_shape(small: bool) -> dict:
+    return ({"n_layer": 2, "n_head": 2, "d_model": 64, "seq_len": 32, "vocab": 512} if small else
+            {"n_layer": 16, "n_head": 16, "d_model": 1024, "seq_len": 256, "vocab": 50304})
+
+
+def part_memory(out: Path, small: bool, precision: str = "bf16") -> list[dict]:
+    """One process, nothing partitioned at world size 1: the ZeRO paper's 16 bytes per parameter
+    are 16-bit weights and gradients (2 + 2) and fp32 master weights and Adam's moments (4 + 8);
+    in fp32, weights 4 + gradients 4 + moments 8. Activations of one short sequence are a few percent."""
+    import torch
+
+    from distrain.models.gpt import gpt
+
+    s = gpt_shape(small)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in gpt(s["vocab"], s["seq_len"], s["n_layer"], s["n_head"], s["d_model"]).parameters())
+    base = [f"data.name=bench.gpu:tokens", "data.n_train=8", "data.n_eval=2", f"data.seq_len={s['seq_len']}",
+            f"data.vocab_size={s['vocab']}", "model.name=gpt", f"model.n_layer={s['n_layer']}", f"model.n_head={s['n_head']}",
+            f"model.d_model={s['d_model']}", "optim.name=adamw", "optim.lr=1e-4", "data.global_batch_size=1",
+            "data.eval_batch_size=1", "train.epochs=null", "train.max_steps=4", "train.log_every=1",
+            "checkpoint.every_steps=0", "train.grad_clip=1.0", f"train.precision={precision}"]
+    cases = {"ddp": ["strategy.name=ddp"], "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2"],
+             "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"]}
+
+    def case(name):
+        d = out / "memory" / name
+        d.mkdir(parents=True, exist_ok=True)
+        code = launch(["--config", BARE, f"run.dir={d / 'run'}", *base, *cases[name]], 1, d / "log.txt")
+        peak = max((r["peak_memory_mb"] for r in rows(d / "run")), default=None)
+        model_states = 16 * params / 2**20
+        return {"case": name, "precision": precision, "exit": code, "params": params, "model_states_mb": model_states, "peak_mb": peak,
+                "peak_over_model_states": peak / model_states if peak else None}
+
+    return list(pool({n: (lambda n=n: case(n)) for n in cases}, 3).values())
+
+
+def part_overhead(out: Path, small: bool, rounds: int = 5) -> dict:
+    """Runs in this process: each round times the hand-written loop, distrain, and the hand-written
+    loop with distrain's per-step non-finite check (one host sync), in rotating order."""
+    import torch
+    import torch.nn.functional as F
+
+    from distrain.models.vision import resnet18
+    from distrain.strategies.common import all_finite
+    from distrain.train import main
+    from distrain.trainer import Trainer
+
+    torch.backends.cudnn.benchmark = True
+    batch, warmup, steps = (16, 2, 6) if small else (256, 30, 150)
+    train, _, _ = images(n_train=batch * 16, n_eval=batch)
+    x_all, y_all = train.tensors
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    device = x_all.device
+
+    def hand(check: bool) -> float:
+        torch.manual_seed(0)
+        model = resnet18().to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        perm, pos = torch.randperm(len(x_all), generator=g).to(device), 0
+        for i in range(warmup + steps):
+            if i == warmup:
+                sync()
+                t0 = time.perf_counter()
+            if pos + batch > len(x_all):
+                perm, pos = torch.randperm(len(x_all), generator=g).to(device), 0
+            idx = perm[pos : pos + batch]
+            pos += batch
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
+            loss.backward()
+            if not check or all_finite([p.grad for p in model.parameters()]):
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync()
+        return steps * batch / (time.perf_counter() - t0)
+
+    def distrain_loop() -> float:
+        marks = {}
+        step = Trainer.train_step
+
+        def timed(self):
+            result = step(self)
+            if self.step + 1 in (warmup, warmup + steps):
+                sync()
+                marks[self.step + 1] = time.perf_counter()
+            return result
+
+        Trainer.train_step = timed
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                code = main(["--config", BARE, f"run.dir={d}/run", "data.name=bench.gpu:images",
+                             f"data.n_train={batch * 16}", f"data.n_eval={batch}", "model.name=resnet18",
+                             "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9", "optim.weight_decay=5e-4",
+                             "sched.name=constant", "sched.warmup_steps=0", "train.precision=bf16",
+                             f"data.global_batch_size={batch}", f"data.eval_batch_size={batch}", "train.epochs=null",
+                             f"train.max_steps={warmup + steps}", f"train.log_every={warmup + steps}",
+                             "train.eval_every=0", "checkpoint.every_steps=0", "log.level=warning"])
+            assert code == 0, f"distrain exited {code}"
+        finally:
+            Trainer.train_step = step
+        return steps * batch / (marks[warmup + steps] - marks[warmup])
+
+    loops = {"hand": lambda: hand(False), "distrain": distrain_loop, "hand+check": lambda: hand(True)}
+    names, per_round = list(loops), []
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        per_round.append({n: loops[n]() for n in order})
+    result = {"batch": batch, "steps": steps, "rounds": per_round}
+    for n in names:
+        ratios = [pr[n] / pr["hand"] for pr in per_round]
+        result[n] = {"images_per_s": statistics.median(pr[n] for pr in per_round),
+                     "ratio": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    return result
+
+
+def part_mfu(out: Path, small: bool, cases: tuple = ("single", "ddp")) -> list[dict]:
+    s = {"n_layer": 2, "n_head": 2, "d_model": 64, "seq_len": 32, "vocab": 512} if small else \
+        {"n_layer": 12, "n_head": 12, "d_model": 768, "seq_len": 1024, "vocab": 50304}
+    micro, steps, every = (2, 20, 5) if small else (32, 40, 10)
+    base = ["data.name=bench.gpu:tokens", f"data.n_train={micro * 4}", "data.n_eval=2", f"data.seq_len={s['seq_len']}",
+            f"data.vocab_size={s['vocab']}", "model.name=gpt", f"model.n_layer={s['n_layer']}", f"model.n_head={s['n_head']}",
+            f"model.d_model={s['d_model']}", "optim.name=adamw", "optim.lr=6e-4", "optim.weight_decay=0.1",
+            "optim.betas=[0.9,0.95]", "train.grad_clip=1.0", "train.precision=bf16", "train.compile=true",
+            f"data.global_batch_size={micro}", "data.eval_batch_size=2", "train.epochs=null",
+            f"train.max_steps={steps}", f"train.log_every={every}", "checkpoint.every_steps=0"]
+    results = []
+    runs = (("single", ["strategy.name=single"], 0), ("ddp", ["strategy.name=ddp"], 1))
+    for name, extra, nproc in (r for r in runs if r[0] in cases):
+        d = out / "mfu" / name
+        d.mkdir(parents=True, exist_ok=True)
+        code = launch(["--config", BARE, f"run.dir={d / 'run'}", *base, *extra], nproc, d / "log.txt", timeout=400)
+        steady = [r for r in rows(d / "run") if r["step"] > every]  # the first window holds the compilation
+        results.append({"case": name, "exit": code, "micro_batch": micro, "shape": s,
+                        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady) if steady else None,
+                        "mfu": statistics.median(r["mfu"] for r in steady) if steady and "mfu" in steady[0] else None,
+                        "step_time_s": statistics.median(r["step_time_s"] for r in steady) if steady else None,
+                        "peak_memory_mb": max((r["peak_memory_mb"] for r in steady), default=None)})
+    return results
+
+
+class Profiled(Exception):
+    pass
+
+
+def profile_steps(out: Path, small: bool) -> None:
+    """Three compiled GPT steps under the profiler (in this process): where the time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from distrain.train import main
+    from distrain.trainer import Trainer
+
+    s = {"n_layer": 2, "n_head": 2, "d_model": 64, "seq_len": 32, "vocab": 512} if small else \
+        {"n_layer": 12, "n_head": 12, "d_model": 768, "seq_len": 1024, "vocab": 50304}
+    micro = 2 if small else 32
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof, step = profile(activities=activities), Trainer.train_step
+
+    def traced(self):
+        if self.step == 6:
+            prof.start()
+        result = step(self)
+        if self.step == 8:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            prof.stop()
+            raise Profiled  # the rest of the run (its eval, its checkpoint) is not wanted here
+        return result
+
+    Trainer.train_step = traced
+    try:
+        with tempfile.TemporaryDirectory() as d, contextlib.suppress(Profiled):
+            main(["--config", BARE, f"run.dir={d}/run", "data.name=bench.gpu:tokens", f"data.n_train={micro * 4}",
+                  "data.n_eval=2", f"data.seq_len={s['seq_len']}", f"data.vocab_size={s['vocab']}", "model.name=gpt",
+                  f"model.n_layer={s['n_layer']}", f"model.n_head={s['n_head']}", f"model.d_model={s['d_model']}",
+                  "optim.name=adamw", "train.grad_clip=1.0", "train.precision=bf16", "train.compile=true",
+                  f"data.global_batch_size={micro}", "data.eval_batch_size=2", "train.epochs=null", "train.max_steps=10",
+                  "train.log_every=10", "checkpoint.every_steps=0", "log.level=warning"])
+    finally:
+        Trainer.train_step = step
+    key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    (out / "profile.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=25))
+
+
+def versions() -> dict:
+    import torch
+
+    info = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "python": sys.version.split()[0]}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        info["driver, memory"] = smi.stdout.strip()
+    try:
+        import deepspeed
+
+        info["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        info["deepspeed"] = None
+    return info
+
+
+PARTS = {"strategies": part_strategies, "resume": part_resume, "memory": part_memory, "overhead": part_overhead,
+         "mfu": part_mfu}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", nargs="+", choices=[*PARTS, "profile"], default=[*PARTS, "profile"])
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "gpu")
+    p.add_argument("--report", type=Path, help="where gpu.json and profile.txt go (default: --out)")
+    p.add_argument("--small", action="store_true", help="tiny sizes: try the script itself on a CPU")
+    p.add_argument("--memory-precision", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--mfu-cases", nargs="+", choices=["single", "ddp"], default=["single", "ddp"])
+    p.add_argument("--budget-s", type=float, default=float("inf"), help="stop starting runs after this many seconds")
+    args = p.parse_args()
+    DEADLINE[0] = time.monotonic() + args.budget_s
+    args.out.mkdir(parents=True, exist_ok=True)
+    report_dir = args.report or args.out
+    report_dir.mkdir(parents=True, exist_ok=True)
+    global BARE
+    BARE = str(args.out / "bare.yaml")
+    Path(BARE).write_text("run: {name: gpu}\n")
+    report = {"versions": versions()}
+    print(json.dumps(report["versions"]), flush=True)
+    for part in args.parts:
+        t0 = time.perf_counter()
+        if time.monotonic() > DEADLINE[0]:
+            report[part] = "skipped: out of time"
+            continue
+        try:
+            if part == "profile":
+                profile_steps(report_dir, args.small)
+                report[part] = "profile.txt"
+            elif part == "memory":
+                report[part] = part_memory(args.out, args.small, args.memory_precision)
+            elif part == "mfu":
+                report[part] = part_mfu(args.out, args.small, tuple(args.mfu_cases))
+            else:
+                report[part] = PARTS[part](args.out, args.small)
+        except Exception as e:  # one broken part must not cost the others' results
+            report[part] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"== {part} ({time.perf_counter() - t0:.0f} s)\n{json.dumps(report[part], indent=1, default=str)}", flush=True)
+        (report_dir / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
