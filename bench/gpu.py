@@ -201,8 +201,10 @@ def part_resume(out: Path, small: bool) -> list[dict]:
         args = resume_args(d / "run", strategy, kill_at=kill_at, marker=d / "killed")
         first = launch(args, nproc, d / "run.txt")
         second = launch(args, nproc, d / "run.txt")
+        from bench.common import same_weights
+
         a, b = weights(d / "ref"), weights(d / "run")
-        same = a is not None and b is not None and a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+        same = a is not None and b is not None and same_weights(a, b)
         killed = first != 0 and bool(list(d.glob("killed.rank*")))
         resumed = "resumed from" in (d / "run.txt").read_text()
         return {"case": name, "device": device_of(d / "ref.txt"), "killed": killed, "resumed": resumed,
@@ -211,9 +213,31 @@ def part_resume(out: Path, small: bool) -> list[dict]:
     return list(pool({n: (lambda n=n: case(n)) for n in RESUME_CASES}, 4).values())
 
 
-def gpt_shape(small: bool) -> dict:
-    return ({"n_layer": 2, "n_head": 2, "d_model": 64, "seq_len": 32, "vocab": 512} if small else
-            {"n_layer": 16, "n_head": 16, "d_model": 1024, "seq_len": 256, "vocab": 50304})
+TINY_GPT = {"n_layer": 2, "n_head": 2, "d_model": 64, "seq_len": 32, "vocab": 512}  # --small
+GPT2_SMALL = {"n_layer": 12, "n_head": 12, "d_model": 768, "seq_len": 1024, "vocab": 50304}  # 124M, for MFU
+MEMORY_GPT = {"n_layer": 16, "n_head": 16, "d_model": 1024, "seq_len": 256, "vocab": 50304}  # 253M, short sequences
+
+
+def gpt_args(s: dict, micro: int, n_train: int) -> list:
+    """A GPT of shape `s` on random tokens already on the GPU, `micro` sequences per step."""
+    return ["data.name=bench.gpu:tokens", f"data.n_train={n_train}", "data.n_eval=2", f"data.seq_len={s['seq_len']}",
+            f"data.vocab_size={s['vocab']}", "model.name=gpt", f"model.n_layer={s['n_layer']}",
+            f"model.n_head={s['n_head']}", f"model.d_model={s['d_model']}", f"data.global_batch_size={micro}",
+            "data.eval_batch_size=2", "train.epochs=null", "checkpoint.every_steps=0", "train.grad_clip=1.0",
+            "optim.name=adamw"]
+
+
+@contextlib.contextmanager
+def wrapped_train_step(wrap):
+    """distrain's Trainer.train_step replaced by wrap(original), for the runs in this process."""
+    from distrain.trainer import Trainer
+
+    original = Trainer.train_step
+    Trainer.train_step = wrap(original)
+    try:
+        yield
+    finally:
+        Trainer.train_step = original
 
 
 def part_memory(out: Path, small: bool, precision: str = "bf16") -> list[dict]:
@@ -224,14 +248,11 @@ def part_memory(out: Path, small: bool, precision: str = "bf16") -> list[dict]:
 
     from distrain.models.gpt import gpt
 
-    s = gpt_shape(small)
+    s = TINY_GPT if small else MEMORY_GPT
     with torch.device("meta"):
         params = sum(p.numel() for p in gpt(s["vocab"], s["seq_len"], s["n_layer"], s["n_head"], s["d_model"]).parameters())
-    base = [f"data.name=bench.gpu:tokens", "data.n_train=8", "data.n_eval=2", f"data.seq_len={s['seq_len']}",
-            f"data.vocab_size={s['vocab']}", "model.name=gpt", f"model.n_layer={s['n_layer']}", f"model.n_head={s['n_head']}",
-            f"model.d_model={s['d_model']}", "optim.name=adamw", "optim.lr=1e-4", "data.global_batch_size=1",
-            "data.eval_batch_size=1", "train.epochs=null", "train.max_steps=4", "train.log_every=1",
-            "checkpoint.every_steps=0", "train.grad_clip=1.0", f"train.precision={precision}"]
+    base = [*gpt_args(s, micro=1, n_train=8), "optim.lr=1e-4", "train.max_steps=4", "train.log_every=1",
+            f"train.precision={precision}"]
     cases = {"ddp": ["strategy.name=ddp"], "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2"],
              "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"]}
 
@@ -241,8 +262,8 @@ def part_memory(out: Path, small: bool, precision: str = "bf16") -> list[dict]:
         code = launch(["--config", BARE, f"run.dir={d / 'run'}", *base, *cases[name]], 1, d / "log.txt")
         peak = max((r["peak_memory_mb"] for r in rows(d / "run")), default=None)
         model_states = 16 * params / 2**20
-        return {"case": name, "precision": precision, "exit": code, "params": params, "model_states_mb": model_states, "peak_mb": peak,
-                "peak_over_model_states": peak / model_states if peak else None}
+        return {"case": name, "precision": precision, "exit": code, "params": params, "model_states_mb": model_states,
+                "peak_mb": peak, "peak_over_model_states": peak / model_states if peak else None}
 
     return list(pool({n: (lambda n=n: case(n)) for n in cases}, 3).values())
 
@@ -256,7 +277,6 @@ def part_overhead(out: Path, small: bool, rounds: int = 5) -> dict:
     from distrain.models.vision import resnet18
     from distrain.strategies.common import all_finite
     from distrain.train import main
-    from distrain.trainer import Trainer
 
     torch.backends.cudnn.benchmark = True
     batch, warmup, steps = (16, 2, 6) if small else (256, 30, 150)
@@ -291,28 +311,25 @@ def part_overhead(out: Path, small: bool, rounds: int = 5) -> dict:
 
     def distrain_loop() -> float:
         marks = {}
-        step = Trainer.train_step
 
-        def timed(self):
-            result = step(self)
-            if self.step + 1 in (warmup, warmup + steps):
-                sync()
-                marks[self.step + 1] = time.perf_counter()
-            return result
+        def timed(step):
+            def run(self):
+                result = step(self)
+                if self.step + 1 in (warmup, warmup + steps):
+                    sync()
+                    marks[self.step + 1] = time.perf_counter()
+                return result
+            return run
 
-        Trainer.train_step = timed
-        try:
-            with tempfile.TemporaryDirectory() as d:
-                code = main(["--config", BARE, f"run.dir={d}/run", "data.name=bench.gpu:images",
-                             f"data.n_train={batch * 16}", f"data.n_eval={batch}", "model.name=resnet18",
-                             "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9", "optim.weight_decay=5e-4",
-                             "sched.name=constant", "sched.warmup_steps=0", "train.precision=bf16",
-                             f"data.global_batch_size={batch}", f"data.eval_batch_size={batch}", "train.epochs=null",
-                             f"train.max_steps={warmup + steps}", f"train.log_every={warmup + steps}",
-                             "train.eval_every=0", "checkpoint.every_steps=0", "log.level=warning"])
-            assert code == 0, f"distrain exited {code}"
-        finally:
-            Trainer.train_step = step
+        with wrapped_train_step(timed), tempfile.TemporaryDirectory() as d:
+            code = main(["--config", BARE, f"run.dir={d}/run", "data.name=bench.gpu:images",
+                         f"data.n_train={batch * 16}", f"data.n_eval={batch}", "model.name=resnet18",
+                         "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9", "optim.weight_decay=5e-4",
+                         "sched.name=constant", "sched.warmup_steps=0", "train.precision=bf16",
+                         f"data.global_batch_size={batch}", f"data.eval_batch_size={batch}", "train.epochs=null",
+                         f"train.max_steps={warmup + steps}", f"train.log_every={warmup + steps}",
+                         "train.eval_every=0", "checkpoint.every_steps=0", "log.level=warning"])
+        assert code == 0, f"distrain exited {code}"
         return steps * batch / (marks[warmup + steps] - marks[warmup])
 
     loops = {"hand": lambda: hand(False), "distrain": distrain_loop, "hand+check": lambda: hand(True)}
@@ -329,15 +346,11 @@ def part_overhead(out: Path, small: bool, rounds: int = 5) -> dict:
 
 
 def part_mfu(out: Path, small: bool, cases: tuple = ("single", "ddp")) -> list[dict]:
-    s = {"n_layer": 2, "n_head": 2, "d_model": 64, "seq_len": 32, "vocab": 512} if small else \
-        {"n_layer": 12, "n_head": 12, "d_model": 768, "seq_len": 1024, "vocab": 50304}
+    s = TINY_GPT if small else GPT2_SMALL
     micro, steps, every = (2, 20, 5) if small else (32, 40, 10)
-    base = ["data.name=bench.gpu:tokens", f"data.n_train={micro * 4}", "data.n_eval=2", f"data.seq_len={s['seq_len']}",
-            f"data.vocab_size={s['vocab']}", "model.name=gpt", f"model.n_layer={s['n_layer']}", f"model.n_head={s['n_head']}",
-            f"model.d_model={s['d_model']}", "optim.name=adamw", "optim.lr=6e-4", "optim.weight_decay=0.1",
-            "optim.betas=[0.9,0.95]", "train.grad_clip=1.0", "train.precision=bf16", "train.compile=true",
-            f"data.global_batch_size={micro}", "data.eval_batch_size=2", "train.epochs=null",
-            f"train.max_steps={steps}", f"train.log_every={every}", "checkpoint.every_steps=0"]
+    base = [*gpt_args(s, micro, n_train=micro * 4), "optim.lr=6e-4", "optim.weight_decay=0.1",
+            "optim.betas=[0.9,0.95]", "train.precision=bf16", "train.compile=true",
+            f"train.max_steps={steps}", f"train.log_every={every}"]
     results = []
     runs = (("single", ["strategy.name=single"], 0), ("ddp", ["strategy.name=ddp"], 1))
     for name, extra, nproc in (r for r in runs if r[0] in cases):
@@ -363,36 +376,27 @@ def profile_steps(out: Path, small: bool) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from distrain.train import main
-    from distrain.trainer import Trainer
 
-    s = {"n_layer": 2, "n_head": 2, "d_model": 64, "seq_len": 32, "vocab": 512} if small else \
-        {"n_layer": 12, "n_head": 12, "d_model": 768, "seq_len": 1024, "vocab": 50304}
-    micro = 2 if small else 32
+    s, micro = (TINY_GPT, 2) if small else (GPT2_SMALL, 32)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    prof, step = profile(activities=activities), Trainer.train_step
+    prof = profile(activities=activities)
 
-    def traced(self):
-        if self.step == 6:
-            prof.start()
-        result = step(self)
-        if self.step == 8:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            prof.stop()
-            raise Profiled  # the rest of the run (its eval, its checkpoint) is not wanted here
-        return result
+    def traced(step):
+        def run(self):
+            if self.step == 6:
+                prof.start()
+            result = step(self)
+            if self.step == 8:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                prof.stop()
+                raise Profiled  # ends the run (distrain reports it as a failure): its eval and checkpoint are not wanted
+            return result
+        return run
 
-    Trainer.train_step = traced
-    try:
-        with tempfile.TemporaryDirectory() as d, contextlib.suppress(Profiled):
-            main(["--config", BARE, f"run.dir={d}/run", "data.name=bench.gpu:tokens", f"data.n_train={micro * 4}",
-                  "data.n_eval=2", f"data.seq_len={s['seq_len']}", f"data.vocab_size={s['vocab']}", "model.name=gpt",
-                  f"model.n_layer={s['n_layer']}", f"model.n_head={s['n_head']}", f"model.d_model={s['d_model']}",
-                  "optim.name=adamw", "train.grad_clip=1.0", "train.precision=bf16", "train.compile=true",
-                  f"data.global_batch_size={micro}", "data.eval_batch_size=2", "train.epochs=null", "train.max_steps=10",
-                  "train.log_every=10", "checkpoint.every_steps=0", "log.level=warning"])
-    finally:
-        Trainer.train_step = step
+    with wrapped_train_step(traced), tempfile.TemporaryDirectory() as d:
+        main(["--config", BARE, f"run.dir={d}/run", *gpt_args(s, micro, n_train=micro * 4), "train.precision=bf16",
+              "train.compile=true", "train.max_steps=10", "train.log_every=10", "log.level=warning"])
     key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     (out / "profile.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=25))
 

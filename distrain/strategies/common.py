@@ -95,10 +95,10 @@ def nonfinite_flag(grads: list) -> torch.Tensor:
 
 def all_finite(grads: list) -> bool:
     """Whether every gradient is finite: GradScaler's fused check, unscaling by exactly 1."""
-    groups: dict = {}
+    by_device: dict = {}
     for g in grads:
-        groups.setdefault((g.device, g.dtype), []).append(g)
-    return not any(nonfinite_flag(group).item() for group in groups.values())
+        by_device.setdefault(g.device, []).append(g)
+    return not any(nonfinite_flag(group).item() for group in by_device.values())
 
 
 def total_norm(grads: list) -> torch.Tensor:
