@@ -16,6 +16,7 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,35 +54,54 @@ def timed_call(fn) -> float:
     return time.perf_counter() - t
 
 
-def single_process(mb: int, rounds: int) -> None:
+def harness(d: str, model, make_optimizer):
+    """distrain's checkpointer around `model`, as the trainer drives it (a single process)."""
     from distrain.checkpoint import Checkpointer
     from distrain.cluster import ClusterEnv
     from distrain.config import load_config
     from distrain.strategies import StrategyContext, build_strategy
 
     root = Path(__file__).resolve().parents[1]
+    cfg = load_config(str(root / "configs" / "digits_mlp.yaml"), [f"run.dir={d}/run", "strategy.name=single",
+                                                                   "checkpoint.keep_last=1"])
+    env = ClusterEnv()
+    strategy = build_strategy(StrategyContext(cfg, env, torch.device("cpu"), "gloo", 64, 1))
+    strategy.setup(model, lambda params, fused=False: make_optimizer(model))
+    trainer = SimpleNamespace(strategy=strategy, comm_device=torch.device("cpu"), step=0,
+                              state_dict=lambda: {"step": trainer.step, "data": {"epoch": 0, "position": 0}},
+                              load_state_dict=lambda s: None, sampler=SimpleNamespace(epoch=0, position=0))
+    return strategy, trainer, Checkpointer(cfg, env)
+
+
+def loaders(d: str, model, optimizer, ckpt, trainer) -> dict:
+    def apply(loaded):  # what a hand-written resume does after torch.load
+        model.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+    raw, raw2, path = Path(d) / "raw.pt", Path(d) / "rawb.pt", Path(ckpt.latest_path())
+    return {"raw load": lambda: torch.load(raw, weights_only=True),
+            "raw load+apply": lambda: apply(torch.load(raw2, weights_only=True)),
+            "distrain load": lambda: ckpt._try_load(path, trainer)}
+
+
+def child_load(d: str, mb: int, name: str) -> None:
+    """One load in this fresh process, as a resume does it: a new model, an optimizer without state."""
+    model = model_of(mb)
+    strategy, trainer, ckpt = harness(d, model, lambda m: torch.optim.AdamW(m.parameters()))
+    print(timed_call(loaders(d, model, strategy.optimizer, ckpt, trainer)[name]))
+
+
+def single_process(mb: int, rounds: int) -> None:
     model = model_of(mb)
     size = sum(p.numel() * 4 * 3 for p in model.parameters()) / 2**20
     results = {"raw save": [], "raw save+fsync": [], "distrain save": [], "raw load": [], "raw load+apply": [],
                "distrain load": []}
+    fresh = {f"{k}, fresh process": [] for k in ("raw load", "raw load+apply", "distrain load")}
     with tempfile.TemporaryDirectory(dir=".") as d:
-        cfg = load_config(str(root / "configs" / "digits_mlp.yaml"), [f"run.dir={d}/run", "strategy.name=single",
-                                                                       "checkpoint.keep_last=1"])
-        env = ClusterEnv()
-        strategy = build_strategy(StrategyContext(cfg, env, torch.device("cpu"), "gloo", 64, 1))
-        strategy.setup(model, lambda params: adam_state(model))
-        trainer = SimpleNamespace(strategy=strategy, comm_device=torch.device("cpu"), step=0,
-                                  state_dict=lambda: {"step": trainer.step, "data": {"epoch": 0, "position": 0}},
-                                  load_state_dict=lambda s: None, sampler=SimpleNamespace(epoch=0, position=0))
-        ckpt = Checkpointer(cfg, env)
+        strategy, trainer, ckpt = harness(d, model, adam_state)
         state = {"model": model.state_dict(), "optimizer": strategy.optimizer.state_dict()}
-
-        def apply(loaded):  # what a hand-written resume does after torch.load
-            model.load_state_dict(loaded["model"])
-            strategy.optimizer.load_state_dict(loaded["optimizer"])
+        raw, raw2 = Path(d) / "raw.pt", Path(d) / "rawb.pt"
         for r in range(rounds):
             trainer.step = r + 1
-            raw, raw2 = Path(d) / f"raw{r}.pt", Path(d) / f"raw{r}b.pt"
             timed = {"raw save+fsync": lambda: (torch.save(state, raw2), fsync(raw2)),
                      "distrain save": lambda: ckpt.save(trainer)}
             # AB, BA, ...: each goes first as often (on a virtual disk, writes right after a
@@ -90,22 +110,40 @@ def single_process(mb: int, rounds: int) -> None:
                 os.sync()
                 results[name].append(timed_call(timed[name]))
             results["raw save"].append(timed_call(lambda: torch.save(state, raw)))
-            path = Path(ckpt.latest_path())
-            loads = {"raw load": lambda: torch.load(raw, weights_only=True),
-                     "raw load+apply": lambda: apply(torch.load(raw2, weights_only=True)),
-                     "distrain load": lambda: ckpt._try_load(path, trainer)}
-            for name in (list(loads) if r % 2 == 0 else list(loads)[::-1]):
-                results[name].append(timed_call(loads[name]))
-            raw.unlink(); raw2.unlink()
             ckpt.wait_for_deletions()
+        # loads after all saves, with nothing left to write back: reads of the page cache only
+        os.sync()
+        loads = loaders(d, model, strategy.optimizer, ckpt, trainer)
+        for r in range(2 * rounds):
+            names = list(loads)[r % 3:] + list(loads)[: r % 3]  # each goes first as often
+            for name in names:
+                results[name].append(timed_call(loads[name]))
+        # a resume runs in a new process, whose allocator has no freed memory to reuse: every
+        # page of the loaded state is faulted in fresh, which the loads above mostly skip
+        for r in range(rounds):
+            for name in list(loads)[r % 3:] + list(loads)[: r % 3]:
+                out = subprocess.run([sys.executable, __file__, "--child-load", name, "--dir", d, "--mb", str(mb)],
+                                     check=True, capture_output=True, text=True).stdout
+                fresh[f"{name}, fresh process"].append(float(out.split()[-1]))
+    results.update(fresh)
+    if os.environ.get("BENCH_VERBOSE"):
+        for k, v in results.items():
+            print(k, " ".join(f"{x * 1e3:.0f}" for x in v))
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"state {size:.0f} MiB, {rounds} rounds, medians:")
     for k, v in med.items():
-        print(f"  {k:16s} {v:7.3f} s   {size / v:8.0f} MiB/s")
-    print(f"save throughput distrain / raw: {med['raw save'] / med['distrain save']:.2f}x "
-          f"(vs raw+fsync: {med['raw save+fsync'] / med['distrain save']:.2f}x; target >= 0.9)")
-    print(f"load throughput distrain / raw: {med['raw load'] / med['distrain load']:.2f}x "
-          f"(vs raw load+apply: {med['raw load+apply'] / med['distrain load']:.2f}x; target >= 0.9)")
+        print(f"  {k:30s} {v:7.3f} s   {size / v:8.0f} MiB/s")
+
+    def ratio(raw: str, ours: str) -> str:  # throughput ratio per round (both ran in it), then the median
+        per_round = [a / b for a, b in zip(results[raw], results[ours])]
+        return f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
+    print(f"save throughput distrain / raw+fsync: {ratio('raw save+fsync', 'distrain save')} "
+          f"(vs raw without fsync: {ratio('raw save', 'distrain save')}; target >= 0.9)")
+    print(f"load throughput distrain / raw: {ratio('raw load', 'distrain load')} "
+          f"(vs raw load+apply: {ratio('raw load+apply', 'distrain load')}; target >= 0.9)")
+    print(f"resume in a fresh process, load throughput distrain / raw: "
+          f"{ratio('raw load, fresh process', 'distrain load, fresh process')} (vs raw load+apply: "
+          f"{ratio('raw load+apply, fresh process', 'distrain load, fresh process')}; target >= 0.9)")
 
 
 def async_case(mb: int, rounds: int) -> None:
@@ -158,6 +196,13 @@ if __name__ == "__main__":
     p.add_argument("--mb", type=int, default=256)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--async-case", action="store_true")
+    p.add_argument("--child-load", help=argparse.SUPPRESS)
+    p.add_argument("--dir", help=argparse.SUPPRESS)
     a = p.parse_args()
     torch.set_num_threads(1)
-    async_case(a.mb, a.rounds) if a.async_case else single_process(a.mb, a.rounds)
+    if a.child_load:
+        child_load(a.dir, a.mb, a.child_load)
+    elif a.async_case:
+        async_case(a.mb, a.rounds)
+    else:
+        single_process(a.mb, a.rounds)

@@ -1,9 +1,9 @@
 """Safe file reading: checkpoints hold only tensors and plain containers and primitives.
 
-Every .pt file of a checkpoint is vetted before anything loads it, including files that
-DeepSpeed later reads itself: the globals its pickle would import are listed without
-unpickling, and anything outside torch's weights-only set (plus two plain DeepSpeed
-value classes, in DeepSpeed's own files) is refused.
+distrain loads its own files with torch's weights-only unpickler. The files DeepSpeed reads
+itself are vetted before it loads them: the globals their pickles would import are listed
+without unpickling, and anything outside torch's weights-only set (plus a few plain
+DeepSpeed value classes) is refused.
 """
 from __future__ import annotations
 
@@ -36,8 +36,11 @@ def safe_load(path: Path, map_location="cpu", mmap: bool = False):
     file's pages: what the caller keeps past the load it must copy out (see strategies.common)."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        raise _unsafe(path, str(e).splitlines()[0]) from None
+    except pickle.UnpicklingError:
+        unsafe = _unsafe_globals(path, allowed=set())
+        if unsafe:  # torch's message is a page of advice; name what the file would import
+            raise _unsafe(path, f"it references {', '.join(sorted(unsafe))}") from None
+        raise
 
 
 def verify_crc(directory: Path) -> str | None:
@@ -73,15 +76,24 @@ def _failing_record(path: Path) -> str | None:
 
 
 def vet_files(directory: Path) -> None:
-    """Raise UnsafeCheckpointError if any .pt file under `directory` needs arbitrary unpickling."""
+    """Raise UnsafeCheckpointError if a .pt file that DeepSpeed unpickles itself needs arbitrary
+    unpickling. The files distrain reads go through safe_load, which refuses the same globals
+    while it loads: vetting them too would parse each of them twice."""
     for path in sorted(Path(directory).rglob("*.pt")):
-        allowed = DEEPSPEED_GLOBALS if "deepspeed" in path.relative_to(directory).parts else set()
-        try:
-            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed
-        except (RuntimeError, ValueError, OSError, pickle.UnpicklingError, EOFError):
-            continue  # unreadable rather than unsafe: the loader reports it, and resume falls back
+        if "deepspeed" not in path.relative_to(directory).parts:
+            continue
+        unsafe = _unsafe_globals(path, allowed=DEEPSPEED_GLOBALS)
         if unsafe:
             raise _unsafe(path, f"it references {', '.join(sorted(unsafe))}")
+
+
+def _unsafe_globals(path: Path, allowed: set) -> set:
+    """The globals outside torch's weights-only set that the file's pickle would import (listed
+    without unpickling). An unreadable file has none: its loader reports it, and resume falls back."""
+    try:
+        return set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed
+    except (RuntimeError, ValueError, OSError, pickle.UnpicklingError, EOFError):
+        return set()
 
 
 def _unsafe(path, detail) -> UnsafeCheckpointError:

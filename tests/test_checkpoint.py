@@ -2,6 +2,7 @@
 import pickle
 import zipfile
 
+import pytest
 import torch
 
 from conftest import CONFIGS, final_weights, run_train, train_inprocess
@@ -212,3 +213,43 @@ def test_loaded_state_does_not_live_in_the_mapped_file(tmp_path):
         f.write(b"\x7f" * size)
     assert all(torch.equal(weights[k], v) for k, v in fresh.state_dict().items())
     assert all(torch.equal(a, s["exp_avg_sq"]) for a, s in zip(moments, fresh_opt.state.values()))
+
+
+def test_a_loaded_model_keeps_its_parameter_objects_and_ties(tmp_path):
+    from distrain.strategies.common import load_full, save_full
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+            self.register_buffer("count", torch.zeros(()))
+
+    torch.manual_seed(0)
+    model, fresh = Tied(), Tied()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.count += 3
+    save_full(tmp_path, model, opt, None)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
+    weight = fresh.emb.weight
+    load_full(tmp_path, fresh, fresh_opt, None, torch.device("cpu"))
+    assert fresh.emb.weight is weight and fresh.head.weight is fresh.emb.weight
+    assert torch.equal(fresh.emb.weight, model.emb.weight) and fresh.count.item() == 3
+    fresh.head(fresh.emb(torch.tensor([1, 2]))).sum().backward()
+    fresh_opt.step()  # the optimizer updates the module's own (loaded) parameter
+    assert not torch.equal(fresh.emb.weight, model.emb.weight)
+
+
+def test_only_files_deepspeed_unpickles_itself_are_vetted(tmp_path):
+    from distrain.checkpoint_io import UnsafeCheckpointError, safe_load, vet_files
+
+    torch.save({"x": Exploit()}, tmp_path / "model.pt")
+    vet_files(tmp_path)  # distrain's own files are refused by the loader itself
+    with pytest.raises(UnsafeCheckpointError, match="io.open"):
+        safe_load(tmp_path / "model.pt")
+    (tmp_path / "deepspeed").mkdir()
+    torch.save({"x": Exploit()}, tmp_path / "deepspeed" / "mp_rank_00_model_states.pt")
+    with pytest.raises(UnsafeCheckpointError, match="io.open"):
+        vet_files(tmp_path)
+    assert not (tmp_path / "pwned").exists()

@@ -112,16 +112,6 @@ def total_norm(grads: list) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
 
 
-def _detached_from_file(optimizer_state: dict, device) -> dict:
-    """The optimizer keeps CPU tensors as given: copy them out of the file mapping (its state
-    must not live in the checkpoint's pages). On other devices it copies them itself."""
-    if device.type != "cpu":
-        return optimizer_state
-    state = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
-             for k, s in optimizer_state["state"].items()}
-    return {**optimizer_state, "state": state}
-
-
 def maybe_compile(module: nn.Module, enabled: bool) -> nn.Module:
     return torch.compile(module) if enabled else module
 
@@ -137,10 +127,24 @@ def save_full(path: Path, module: nn.Module, optimizer, scaler) -> None:
 def load_full(path: Path, module: nn.Module, optimizer, scaler, device) -> None:
     from ..checkpoint_io import safe_load
 
-    # mapped, not read: the weights are copied once, from the page cache straight into the
-    # parameters, instead of into fresh memory first and then into the parameters
-    state = safe_load(path / "model.pt", mmap=True)
+    # on the CPU: read once, into memory the model and optimizer then keep; for another device
+    # the file is mapped, and copied from the page cache straight to the device
+    state = safe_load(path / "model.pt", mmap=device.type != "cpu")
+    adopt_tensors(module, state["model"])
     module.load_state_dict(state["model"])
-    optimizer.load_state_dict(_detached_from_file(state["optimizer"], device))
+    optimizer.load_state_dict(state["optimizer"])  # on the parameters' device and dtype it keeps them as given
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
+
+
+def adopt_tensors(module: nn.Module, state: dict) -> None:
+    """Let parameters and buffers take the loaded tensors' memory where it already matches (same
+    device, dtype and layout) instead of copying it: load_state_dict's copy then finds the same
+    data and returns at once. The Parameter objects stay the same, so optimizers and wrappers
+    that hold them see the loaded values."""
+    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        loaded = state.get(name)
+        if (torch.is_tensor(loaded) and loaded.device == tensor.device and loaded.dtype == tensor.dtype
+                and loaded.shape == tensor.shape and loaded.stride() == tensor.stride()):
+            tensor.data = loaded
