@@ -247,15 +247,14 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 
 def weights_finite(module, comm_device) -> bool:
-    """Collective. A finite norm per tensor proves every element finite: one read-only pass, no
-    temporary the size of the model. Accumulated in float64, so huge finite weights (an
-    exploding run that the guard skipped) cannot overflow it."""
+    """Collective. GradScaler's fused check over every weight (scaling by exactly 1, which
+    changes no value): one pass, no temporary the size of the model, and no sum that huge
+    finite weights could overflow."""
+    from .strategies.common import all_finite
+
     local = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
-    local = [t.detach() for t in local if t.numel()]
-    bad = torch.zeros(1, device=comm_device)
-    if local and not torch.stack([n.to(comm_device) for n in torch._foreach_norm(local, 2, dtype=torch.float64)]
-                                 ).isfinite().all():
-        bad += 1
+    local = [t.detach() for t in local if t.numel() and t.is_floating_point()]
+    bad = torch.tensor([0.0 if not local or all_finite(local) else 1.0], device=comm_device)
     return dist.all_reduce_sum(bad).item() == 0
 
 

@@ -162,7 +162,9 @@ def test_weights_check_tells_huge_finite_weights_from_non_finite_ones():
     layer = torch.nn.Linear(64, 64)
     with torch.no_grad():
         layer.weight.fill_(3e38)  # its float32 norm would overflow
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
     assert weights_finite(layer, torch.device("cpu"))
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())  # the check changes no value
     with torch.no_grad():
         layer.bias[3] = float("nan")
     assert not weights_finite(layer, torch.device("cpu"))
