@@ -3,11 +3,14 @@
 The agreement is a one-element all-reduce started asynchronously after each step and
 read one step later, so it overlaps compute instead of adding a round trip per step.
 Every rank sees the same answer at the same step, so all of them checkpoint together.
-CPU ranks on one machine agree through shared memory instead (distrain.shm): each rank
-publishes the first step boundary at which it saw a signal, a barrier, and all stop once
-any published boundary is at or before this one. Values published later than this
-boundary cannot change the answer, so a faster rank cannot make two ranks disagree.
-(gloo's all-reduce, even overlapped, took a quarter of a small model's step there.)
+CPU ranks on one machine agree through shared memory instead (distrain.shm): a rank that
+saw a signal publishes the number of the host barrier after which every rank can see it
+(its next), and all stop at the first boundary by which they have passed that barrier.
+The barrier is usually the gradient average's, inside the step; only when no barrier has
+run since the last boundary does this one add its own. Every rank has passed the same
+barriers at the same boundary, and a value published later names a later barrier, so a
+faster rank cannot make two ranks disagree. (gloo's all-reduce, even overlapped, took a
+quarter of a small model's step there; a second barrier per step, a tenth.)
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ class Preemption:
         self.requested = False
         self.comm_device = comm_device
         self._pending = None
-        self._boundary = self._seen_at = 0
+        self._published, self._arrivals = False, 0  # host barriers passed by the last boundary
         self._previous = {}
         for name in signal_names:
             sig = getattr(signal, name)
@@ -42,12 +45,13 @@ class Preemption:
             return self.requested
         group = dist.host_group()
         if group is not None:
-            self._boundary += 1
-            if self.requested and not self._seen_at:
-                self._seen_at = self._boundary
-                group.publish(self._seen_at)
-            group.barrier()
-            return any(0 < seen <= self._boundary for seen in group.published())
+            if self.requested and not self._published:
+                group.publish(group.arrivals + 1)
+                self._published = True
+            if group.arrivals == self._arrivals:  # nothing synchronized the ranks since the last boundary
+                group.barrier()
+            self._arrivals = group.arrivals
+            return any(0 < barrier <= self._arrivals for barrier in group.published())
         stop = False
         if self._pending is not None:
             work, flag = self._pending

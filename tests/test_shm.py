@@ -1,5 +1,5 @@
-"""Shared memory between the CPU ranks of one machine: DDP's gradient all-reduce (gloo's
-exact result on two ranks, one agreed result on more), its flag barrier (a dead or stuck
+"""Shared memory between the CPU ranks of one machine: the gradient average and DDP's bucket
+all-reduce (gloo's exact result on two ranks, one agreed result on more), its flag barrier (a dead or stuck
 peer is an error, not a hang), the preemption agreement over it, and the fall-back to gloo
 when the ranks do not share memory."""
 from __future__ import annotations
@@ -46,22 +46,42 @@ def _join(rank: int, world: int, port: int, split_dirs: str | None = None):
     return shm
 
 
+def _gradient(p, step: int, index: int, rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + 10 * index + rank)
+    return torch.randn(p.shape, generator=g).to(p.dtype)
+
+
 def _allreduce_worker(rank: int, world: int, port: int, split_dirs: str | None, out: str) -> None:
     shm = _join(rank, world, port, split_dirs)
-    from distrain.strategies.shm_allreduce import ShmAllReduce
+    from distrain.strategies import shm_allreduce
 
     group = shm.HostGroup.create(timeout_s=60)
     if group is None:
         torch.save({"shared": False}, f"{out}/rank{rank}.pt")
-    else:
-        state, results = ShmAllReduce.create(group, slot_bytes=4096), []
-        for step in range(3):  # more calls than buffers: the alternation is exercised
-            group.barrier()  # a barrier of its own between calls (as the preemption check makes)
-            for dtype in (torch.float32, torch.bfloat16):
-                g = torch.Generator().manual_seed(100 * step + rank)
-                bucket = torch.randn(1000, generator=g).to(dtype)
-                results.append(state.allreduce(bucket.clone()))
-        torch.save({"shared": True, "results": results}, f"{out}/rank{rank}.pt")
+        dist.destroy_process_group()
+        return
+    hook = shm_allreduce.BucketAllReduce(shm_allreduce.Slots.create(group, 4096))
+    shm_allreduce.SLOT_CAP_BYTES = 1024  # the first gradient spans three exchanges, the others share one
+    model = torch.nn.ParameterList([torch.zeros(600), torch.zeros(300, dtype=torch.bfloat16), torch.zeros(7)])
+    averager = shm_allreduce.GradientAverager.create(group, model)
+    buckets, grads = [], []
+    for step in range(3):  # more calls than buffers: the alternation is exercised
+        group.barrier()  # a barrier of its own between calls (as the preemption check makes)
+        for dtype in (torch.float32, torch.bfloat16):
+            g = torch.Generator().manual_seed(100 * step + rank)
+            bucket = torch.randn(1000, generator=g).to(dtype)
+            buckets.append(hook.allreduce(bucket.clone()))
+        for i, p in enumerate(model):
+            p.grad = _gradient(p, step, i, rank)
+        averager.average()
+        grads.append([p.grad.clone() for p in model])
+    model[1].grad = None
+    try:
+        averager.average()
+        missing = "no error"
+    except RuntimeError as e:
+        missing = str(e)
+    torch.save({"shared": True, "buckets": buckets, "grads": grads, "missing": missing}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -71,7 +91,7 @@ def _spawn(fn, world: int, *args) -> None:
     mp.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=True)
 
 
-def test_three_ranks_agree_on_the_mean_of_every_bucket(tmp_path):
+def test_three_ranks_agree_on_the_mean_of_every_bucket_and_gradient(tmp_path):
     _spawn(_allreduce_worker, 3, None, str(tmp_path))
     out = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
     assert all(o["shared"] for o in out)
@@ -82,10 +102,16 @@ def test_three_ranks_agree_on_the_mean_of_every_bucket(tmp_path):
                       for r in range(3)]
             expected = sum(x.double() / 3 for x in inputs)
             for o in out:
-                assert torch.equal(o["results"][i], out[0]["results"][i])  # the same bits on every rank
+                assert torch.equal(o["buckets"][i], out[0]["buckets"][i])  # the same bits on every rank
             tol = 1e-6 if dtype == torch.float32 else 2e-2
-            assert torch.allclose(out[0]["results"][i].double(), expected, atol=tol)
+            assert torch.allclose(out[0]["buckets"][i].double(), expected, atol=tol)
             i += 1
+        shapes = [(torch.zeros(600), 0), (torch.zeros(300, dtype=torch.bfloat16), 1), (torch.zeros(7), 2)]
+        for p, index in shapes:  # DDP's arithmetic: each rank's share divided, then summed in rank order
+            g = [_gradient(p, step, index, r) for r in range(3)]
+            expected = (g[0] / 3 + g[1] / 3) + g[2] / 3
+            assert all(torch.equal(o["grads"][step][index], expected) for o in out)
+    assert all(o["missing"].startswith("ddp: parameter 1 of the model received no gradient") for o in out)
 
 
 def test_ranks_that_do_not_share_memory_fall_back_to_gloo(tmp_path):
@@ -124,15 +150,17 @@ def test_a_stuck_peer_fails_the_barrier_after_the_timeout(tmp_path):
     assert (tmp_path / "error").read_text() == "rank(s) [1] did not arrive within strategy.timeout_s=1"
 
 
-def _preempt_worker(rank: int, world: int, port: int, shared: bool, out: str) -> None:
+def _preempt_worker(rank: int, world: int, port: int, shared: bool, barrier_in_step: bool, out: str) -> None:
     shm = _join(rank, world, port)
     from distrain import dist as ddist
     from distrain.preempt import Preemption
 
-    ddist._host_group = shm.HostGroup.create(60) if shared else None
+    ddist._host_group = group = shm.HostGroup.create(60) if shared else None
     preemption = Preemption([], torch.device("cpu"))
     stopped_at = None
     for boundary in range(1, 30):
+        if barrier_in_step:
+            group.barrier()  # what the gradient average does inside a step
         if rank == 1 and boundary == 7:
             preemption.requested = True  # what the signal handler does
         if rank == 0 and boundary % 3 == 0:
@@ -141,13 +169,17 @@ def _preempt_worker(rank: int, world: int, port: int, shared: bool, out: str) ->
             stopped_at = boundary
             break
     preemption.drain()
-    torch.save({"stopped_at": stopped_at, "shared": ddist.host_group() is not None}, f"{out}/rank{rank}.pt")
+    torch.save({"stopped_at": stopped_at, "shared": ddist.host_group() is not None,
+                "barriers": group.arrivals if group else None}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_ranks_agree_on_a_preemption_at_the_same_boundary(tmp_path):
-    for shared, expected in ((True, 7), (False, 8)):  # gloo's agreement is read one boundary later
-        _spawn(_preempt_worker, 2, shared, str(tmp_path))
+    # gloo's agreement is read one boundary later; so is the one that rides on the step's own barrier
+    for shared, barrier_in_step, expected in ((True, False, 7), (False, False, 8), (True, True, 8)):
+        _spawn(_preempt_worker, 2, shared, barrier_in_step, str(tmp_path))
         out = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
         assert [o["stopped_at"] for o in out] == [expected, expected]
         assert [o["shared"] for o in out] == [shared, shared]
+        if shared:  # one barrier per step, whoever runs it
+            assert [o["barriers"] for o in out] == [expected, expected]

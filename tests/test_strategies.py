@@ -72,7 +72,8 @@ def test_ddp_on_one_process_runs_unwrapped_and_matches_single(reference, tmp_pat
     from distrain.strategies import replicated
 
     module = torch.nn.Linear(2, 2)
-    assert replicated.ddp(module, SimpleNamespace(env=ClusterEnv(), device=torch.device("cpu"))) is module
+    wrapped, average = replicated.ddp(module, SimpleNamespace(env=ClusterEnv(), device=torch.device("cpu")))
+    assert wrapped is module and average is None
     run = tmp_path / "run"
     run_train([*BASE, f"run.dir={run}", "strategy.name=ddp"], nproc=1)
     assert max_abs_diff(final_weights(run), reference) == 0

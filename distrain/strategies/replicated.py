@@ -17,27 +17,39 @@ log = logging.getLogger("distrain")
 
 
 def no_wrap(module, ctx):
-    return module
+    return module, None
 
 
 def data_parallel(module, ctx):
     if ctx.device.type == "cuda" and torch.cuda.device_count() > 1:
-        return nn.DataParallel(module)
+        return nn.DataParallel(module), None
     log.warning("strategy dp: fewer than 2 GPUs visible, running as a single process on %s", ctx.device)
-    return module
+    return module, None
 
 
 def ddp(module, ctx):
+    """The model to run and, where no DDP wrapper averages the gradients during backward, the
+    function that averages them before the optimizer step."""
     if ctx.env.world_size == 1:  # nothing to all-reduce; DDP would still pay a collective per step
-        return module
-    wrapped = DistributedDataParallel(module, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-    if dist.host_group() is not None:
+        return module, None
+    group = dist.host_group()
+    if group is not None and not any(True for _ in module.buffers()):
         from . import shm_allreduce
 
-        if shm_allreduce.attach(wrapped, dist.host_group()):
+        averager = shm_allreduce.GradientAverager.create(group, module)
+        if averager is not None:
+            shm_allreduce.broadcast_module(module)
+            log.info("ddp: gradients averaged through shared memory (all %d ranks on this machine)",
+                     ctx.env.world_size)
+            return module, averager.average
+    wrapped = DistributedDataParallel(module, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    if group is not None:
+        from . import shm_allreduce
+
+        if shm_allreduce.attach(wrapped, group):
             log.info("ddp: gradients all-reduced through shared memory (all %d ranks on this machine)",
                      ctx.env.world_size)
-    return wrapped
+    return wrapped, None
 
 
 class Replicated:
@@ -47,7 +59,7 @@ class Replicated:
 
     def setup(self, module, make_optimizer) -> None:
         self.module = module.to(self.ctx.device)
-        self.wrapped = self.wrap(self.module, self.ctx)
+        self.wrapped, self.average = self.wrap(self.module, self.ctx)
         self.model = common.maybe_compile(self.wrapped, self.ctx.compile)
         self.params = list(self.module.parameters())
         self.optimizer = make_optimizer(self.params, fused=self.ctx.device.type == "cuda")
@@ -65,6 +77,8 @@ class Replicated:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self, grad_clip, want_norm=True):
+        if self.average is not None:
+            self.average()
         # replicas hold identical gradients after the all-reduce: a local finiteness check agrees on every rank
         return common.optimizer_step(self.optimizer, self.params, grad_clip, self.scaler, want_norm)
 

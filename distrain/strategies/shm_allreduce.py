@@ -1,51 +1,174 @@
-"""DDP's gradient all-reduce through shared memory, for CPU ranks that share one machine.
+"""Gradient averaging through shared memory, for CPU ranks that share one machine.
 
 gloo's TCP all-reduce between processes on one host costs ~1-3 ms per bucket on a small
 machine, whatever the bucket's size: more than the step of a small model. Here each rank
-copies its (pre-divided) bucket into its slot of a buffer every rank has mapped, one
+copies its (pre-divided) gradients into its slot of a buffer every rank has mapped, one
 barrier of the host group (distrain.shm), and each rank sums the slots in rank order. Two
 ranks get gloo's exact result (a + b is commutative); more ranks get one fixed order, the
-same on every rank. Two buffers alternate, so the next bucket's writes cannot overtake a
+same on every rank. Two buffers alternate, so the next chunk's writes cannot overtake a
 slower rank's reads of this one without a barrier in between.
+
+Two ways in. `GradientAverager` averages the bare module's gradients after backward: the
+model runs unwrapped, with none of DDP's per-forward checks or per-gradient reducer hooks,
+which cost a small model more than the averaging itself (there is no communication to
+overlap with backward: the copies run on the rank's own core either way). Modules with
+buffers keep DDP, which broadcasts them every forward, with its all-reduce replaced by the
+same slots (`attach`).
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from .. import shm
+
+SLOT_CAP_BYTES = 25 * 2**20  # DDP's default bucket cap: what one rank's slot holds at most
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // shm.ALIGN) * shm.ALIGN
+
+
+class Slots:
+    """Two alternating sets of per-rank slots and the barrier between writing and reading them."""
+
+    def __init__(self, buffer: torch.Tensor, group: shm.HostGroup, slot_bytes: int):
+        self.buffer, self.group, self.calls = buffer.view(2, group.world_size, slot_bytes), group, 0
+
+    @classmethod
+    def create(cls, group: shm.HostGroup, slot_bytes: int) -> Slots | None:
+        """Collective."""
+        slot_bytes = _aligned(slot_bytes)
+        buffer = shm.map_shared(2 * group.world_size * slot_bytes)
+        return None if buffer is None else cls(buffer, group, slot_bytes)
+
+    def advance(self) -> int:
+        """Which of the two sets the next exchange uses."""
+        self.calls += 1
+        return self.calls % 2
+
+
+class GradientAverager:
+    """DDP's contract for ranks on one machine: after the last backward of a step, every rank
+    holds the mean of all ranks' gradients, computed the way DDP computes it."""
+
+    def __init__(self, slots: Slots, params: list):
+        self.slots, self.params = slots, params
+        self.rank, self.world = slots.group.rank, slots.group.world_size
+        self._plans: dict = {}
+
+    @classmethod
+    def create(cls, group: shm.HostGroup, module: torch.nn.Module) -> GradientAverager | None:
+        """Collective: every rank calls it with the same model."""
+        params = [p for p in module.parameters() if p.requires_grad]
+        total = sum(_aligned(p.numel() * p.element_size()) for p in params)
+        slots = Slots.create(group, min(total, SLOT_CAP_BYTES))
+        return None if slots is None else cls(slots, params)
+
+    def average(self) -> None:
+        grads = []
+        for i, p in enumerate(self.params):
+            if p.grad is None:  # DDP refuses this too: the ranks would disagree on what to sum
+                raise RuntimeError(f"ddp: parameter {i} of the model received no gradient in this step; every "
+                                   "parameter that requires a gradient must take part in every step's loss")
+            if not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+            grads.append(p.grad)
+        for spans, views, runs in self._plan(grads):
+            parity = self.slots.advance()
+            slots, mine = views[parity], self.slots.buffer[parity, self.rank]
+            pieces = [_piece(grads[i], a, b) for i, a, b in spans]
+            torch._foreach_copy_(slots[self.rank], pieces)
+            for dtype, a, b in runs:  # one divide per dtype over its run of the slot: where DDP divides
+                mine[a:b].view(dtype).div_(self.world)
+            self.slots.group.barrier()
+            torch._foreach_copy_(pieces, slots[0])  # summed in rank order: the same bits on every rank
+            for r in range(1, self.world):
+                torch._foreach_add_(pieces, slots[r])
+
+    def _plan(self, grads: list) -> list:
+        """(spans, views, runs) per chunk: spans are (gradient index, first element, end element)
+        that fit one slot together (a gradient larger than a slot spans several chunks);
+        views[parity][rank] are tensors over that slot, one per span, shaped like its piece of the
+        gradient; runs are (dtype, first byte, end byte) of the slot, one per dtype."""
+        key = tuple((g.dtype, g.shape) for g in grads)
+        if key not in self._plans:
+            cap, chunks, spans, offsets, used = self.slots.buffer.shape[-1], [], [], [], 0
+            by_dtype = sorted(range(len(grads)), key=lambda i: str(grads[i].dtype))  # each dtype one run
+            for i in by_dtype:
+                g = grads[i]
+                start, size = 0, g.element_size()
+                while start < g.numel():
+                    room = (cap - used) // size
+                    if room == 0:
+                        chunks.append((spans, offsets))
+                        spans, offsets, used = [], [], 0
+                        continue
+                    end = min(g.numel(), start + room)
+                    spans.append((i, start, end))
+                    offsets.append(used)
+                    used = _aligned(used + (end - start) * size)
+                    start = end
+            if spans:
+                chunks.append((spans, offsets))
+            self._plans[key] = [(spans, self._views(grads, spans, offsets), _runs(grads, spans, offsets))
+                                for spans, offsets in chunks]
+        return self._plans[key]
+
+    def _views(self, grads: list, spans: list, offsets: list) -> list:
+        views = []
+        for parity in range(2):
+            per_rank = []
+            for r in range(self.world):
+                slot = self.slots.buffer[parity, r]
+                per_rank.append([slot[at : at + (b - a) * grads[i].element_size()].view(grads[i].dtype)
+                                 .view(_piece(grads[i], a, b).shape) for (i, a, b), at in zip(spans, offsets)])
+            views.append(per_rank)
+        return views
+
+
+def _runs(grads: list, spans: list, offsets: list) -> list:
+    runs: dict = {}
+    for (i, a, b), at in zip(spans, offsets):
+        first, _ = runs.get(grads[i].dtype, (at, 0))
+        runs[grads[i].dtype] = (first, at + (b - a) * grads[i].element_size())
+    return [(dtype, first, end) for dtype, (first, end) in runs.items()]
+
+
+def _piece(g: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    return g if start == 0 and end == g.numel() else g.view(-1)[start:end]
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Collective: rank 0's parameters and buffers everywhere, as DDP does when it wraps a model."""
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, 0)
+
+
+class BucketAllReduce:
+    """A DDP communication hook's state, for modules that stay under DDP; `attach` registers it."""
+
+    def __init__(self, slots: Slots):
+        self.slots = slots
+
+    def allreduce(self, bucket: torch.Tensor) -> torch.Tensor:
+        nbytes, world = bucket.numel() * bucket.element_size(), self.slots.group.world_size
+        slots = self.slots.buffer[self.slots.advance(), :, :nbytes]
+        bucket.div_(world)  # where DDP's own path divides, so the sums match it
+        slots[self.slots.group.rank].view(bucket.dtype).copy_(bucket.view(-1))
+        self.slots.group.barrier()
+        out = bucket.view(-1)
+        torch.add(slots[0].view(bucket.dtype), slots[1].view(bucket.dtype), out=out)
+        for i in range(2, world):
+            out.add_(slots[i].view(bucket.dtype))
+        return bucket
 
 
 def max_bucket_bytes(module: torch.nn.Module, bucket_cap_mb: float = 25.0) -> int:
     """An upper bound on DDP's bucket size: its cap, or one parameter larger than the cap."""
     sizes = [p.numel() * p.element_size() for p in module.parameters() if p.requires_grad]
-    need = min(sum(sizes), max([int(bucket_cap_mb * 2**20)] + sizes))
-    return -(-need // shm.ALIGN) * shm.ALIGN
-
-
-class ShmAllReduce:
-    """A DDP communication hook's state; `attach` registers it."""
-
-    def __init__(self, slots: torch.Tensor, group: shm.HostGroup):
-        self.slots, self.group, self.calls = slots, group, 0
-
-    @classmethod
-    def create(cls, group: shm.HostGroup, slot_bytes: int) -> ShmAllReduce | None:
-        """Collective."""
-        buffer = shm.map_shared(2 * group.world_size * slot_bytes)
-        return None if buffer is None else cls(buffer.view(2, group.world_size, slot_bytes), group)
-
-    def allreduce(self, bucket: torch.Tensor) -> torch.Tensor:
-        nbytes = bucket.numel() * bucket.element_size()
-        slots = self.slots[self.calls % 2, :, :nbytes]
-        self.calls += 1
-        bucket.div_(self.group.world_size)  # where DDP's own path divides, so the sums match it
-        slots[self.group.rank].view(bucket.dtype).copy_(bucket.view(-1))
-        self.group.barrier()
-        out, world = bucket.view(-1), self.group.world_size
-        torch.add(slots[0].view(bucket.dtype), slots[1].view(bucket.dtype), out=out)
-        for i in range(2, world):
-            out.add_(slots[i].view(bucket.dtype))
-        return bucket
+    return min(sum(sizes), max([int(bucket_cap_mb * 2**20)] + sizes))
 
 
 def shm_allreduce_hook(state, bucket):  # unannotated: DDP rejects the string annotations of this module
@@ -56,8 +179,8 @@ def shm_allreduce_hook(state, bucket):  # unannotated: DDP rejects the string an
 
 def attach(ddp_module, group: shm.HostGroup) -> bool:
     """Collective: every rank of the DDP group calls it."""
-    state = ShmAllReduce.create(group, max_bucket_bytes(ddp_module.module))
-    if state is None:
+    slots = Slots.create(group, max_bucket_bytes(ddp_module.module))
+    if slots is None:
         return False
-    ddp_module.register_comm_hook(state, shm_allreduce_hook)
+    ddp_module.register_comm_hook(BucketAllReduce(slots), shm_allreduce_hook)
     return True
