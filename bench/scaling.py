@@ -80,7 +80,14 @@ def main() -> None:
         print(f"  {n} rank(s): {med:9.0f} samples/s (min {min(results[n]):.0f}, max {max(results[n]):.0f}); "
               f"efficiency {med / (n * base):.3f}" + (f"; ceiling (independent processes, no communication) "
                                                       f"{statistics.median(ceiling[n]) / (n * base):.3f}" if n > 1 else ""))
-
+    # the machine drifts between rounds: each round's N-rank run against that round's one-rank run
+    one = a.ranks[0]
+    for n in a.ranks[1:]:
+        eff = [r / (n * b / one) for r, b in zip(results[n], results[one])]
+        cap = [c / (n * b / one) for c, b in zip(ceiling[n], results[one])]
+        print(f"  {n} ranks, paired per round: efficiency {statistics.median(eff):.3f} "
+              f"({' '.join(f'{e:.2f}' for e in eff)}), ceiling {statistics.median(cap):.3f} "
+              f"({' '.join(f'{c:.2f}' for c in cap)})")
 
 if __name__ == "__main__":
     main()

@@ -36,8 +36,18 @@ def init(env: ClusterEnv, backend: str, device: torch.device, timeout_s: int, ne
     """Join the job's process group; a lone process gets a group of one when its strategy needs one.
     CPU ranks that all share this machine also get a host group (distrain.shm), unless told not to."""
     global _host_group
-    if not (env.distributed or needs_group) or dist.is_initialized():
+    if not (env.distributed or needs_group):
         return
+    if not dist.is_initialized():  # else the caller made the group: join what it has
+        _init_process_group(env, backend, device, timeout_s)
+    _host_group = None
+    if shared_memory and dist.get_backend() == "gloo" and device.type == "cpu" and dist.get_world_size() > 1:
+        from .shm import HostGroup
+
+        _host_group = HostGroup.create(timeout_s)
+
+
+def _init_process_group(env: ClusterEnv, backend: str, device: torch.device, timeout_s: int) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -53,10 +63,6 @@ def init(env: ClusterEnv, backend: str, device: torch.device, timeout_s: int, ne
         kwargs = {"init_method": f"tcp://127.0.0.1:{_free_port()}"}
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
                             device_id=device if backend == "nccl" else None, **kwargs)
-    if shared_memory and backend == "gloo" and device.type == "cpu" and env.world_size > 1:
-        from .shm import HostGroup
-
-        _host_group = HostGroup.create(timeout_s)
 
 
 def host_group():

@@ -183,3 +183,23 @@ def test_ranks_agree_on_a_preemption_at_the_same_boundary(tmp_path):
         assert [o["shared"] for o in out] == [shared, shared]
         if shared:  # one barrier per step, whoever runs it
             assert [o["barriers"] for o in out] == [expected, expected]
+
+
+def _handed_group_worker(rank: int, world: int, port: int, out: str) -> None:
+    from types import SimpleNamespace
+
+    _join(rank, world, port)  # the caller made the process group, as an embedding program does
+    from distrain import dist as ddist
+
+    env = SimpleNamespace(distributed=True)
+    found = []
+    for shared in (True, False):
+        ddist.init(env, "gloo", torch.device("cpu"), 60, shared_memory=shared)
+        found.append(ddist.host_group() is not None)
+    torch.save(found, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_process_group_made_by_the_caller_still_gets_shared_memory(tmp_path):
+    _spawn(_handed_group_worker, 2, str(tmp_path))
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == [[True, False], [True, False]]
