@@ -33,7 +33,7 @@ def ddp(module, ctx):
     if ctx.env.world_size == 1:  # nothing to all-reduce; DDP would still pay a collective per step
         return module, None
     group = dist.host_group()
-    if group is not None and not any(True for _ in module.buffers()):
+    if group is not None and next(module.buffers(), None) is None:  # DDP broadcasts buffers every forward
         from . import shm_allreduce
 
         averager = shm_allreduce.GradientAverager.create(group, module)

@@ -42,10 +42,21 @@ class Slots:
         buffer = shm.map_shared(2 * group.world_size * slot_bytes)
         return None if buffer is None else cls(buffer, group, slot_bytes)
 
-    def advance(self) -> int:
-        """Which of the two sets the next exchange uses."""
+    def average(self, pieces: list, views: list, runs: list) -> None:
+        """Collective: replace each piece by its mean over the ranks, the way DDP computes it.
+
+        views[parity][rank]: tensors over that slot, one per piece and shaped like it; runs:
+        (dtype, first byte, end byte) of a slot, one per dtype, covering the pieces."""
         self.calls += 1
-        return self.calls % 2
+        parity, rank = self.calls % 2, self.group.rank
+        slots, mine = views[parity], self.buffer[parity, rank]
+        torch._foreach_copy_(slots[rank], pieces)
+        for dtype, a, b in runs:  # one divide per dtype over its run of the slot: where DDP divides
+            mine[a:b].view(dtype).div_(self.group.world_size)
+        self.group.barrier()
+        torch._foreach_copy_(pieces, slots[0])  # summed in rank order: the same bits on every rank
+        for r in range(1, self.group.world_size):
+            torch._foreach_add_(pieces, slots[r])
 
 
 class GradientAverager:
@@ -54,7 +65,7 @@ class GradientAverager:
 
     def __init__(self, slots: Slots, params: list):
         self.slots, self.params = slots, params
-        self.rank, self.world = slots.group.rank, slots.group.world_size
+        self.world = slots.group.world_size
         self._plans: dict = {}
 
     @classmethod
@@ -75,16 +86,7 @@ class GradientAverager:
                 p.grad = p.grad.contiguous()
             grads.append(p.grad)
         for spans, views, runs in self._plan(grads):
-            parity = self.slots.advance()
-            slots, mine = views[parity], self.slots.buffer[parity, self.rank]
-            pieces = [_piece(grads[i], a, b) for i, a, b in spans]
-            torch._foreach_copy_(slots[self.rank], pieces)
-            for dtype, a, b in runs:  # one divide per dtype over its run of the slot: where DDP divides
-                mine[a:b].view(dtype).div_(self.world)
-            self.slots.group.barrier()
-            torch._foreach_copy_(pieces, slots[0])  # summed in rank order: the same bits on every rank
-            for r in range(1, self.world):
-                torch._foreach_add_(pieces, slots[r])
+            self.slots.average([_piece(grads[i], a, b) for i, a, b in spans], views, runs)
 
     def _plan(self, grads: list) -> list:
         """(spans, views, runs) per chunk: spans are (gradient index, first element, end element)
@@ -153,22 +155,16 @@ class BucketAllReduce:
         self.slots = slots
 
     def allreduce(self, bucket: torch.Tensor) -> torch.Tensor:
-        nbytes, world = bucket.numel() * bucket.element_size(), self.slots.group.world_size
-        slots = self.slots.buffer[self.slots.advance(), :, :nbytes]
-        bucket.div_(world)  # where DDP's own path divides, so the sums match it
-        slots[self.slots.group.rank].view(bucket.dtype).copy_(bucket.view(-1))
-        self.slots.group.barrier()
-        out = bucket.view(-1)
-        torch.add(slots[0].view(bucket.dtype), slots[1].view(bucket.dtype), out=out)
-        for i in range(2, world):
-            out.add_(slots[i].view(bucket.dtype))
+        nbytes = bucket.numel() * bucket.element_size()
+        views = [[[slot[:nbytes].view(bucket.dtype)] for slot in by_rank] for by_rank in self.slots.buffer]
+        self.slots.average([bucket.view(-1)], views, [(bucket.dtype, 0, nbytes)])
         return bucket
 
 
-def max_bucket_bytes(module: torch.nn.Module, bucket_cap_mb: float = 25.0) -> int:
+def max_bucket_bytes(module: torch.nn.Module) -> int:
     """An upper bound on DDP's bucket size: its cap, or one parameter larger than the cap."""
     sizes = [p.numel() * p.element_size() for p in module.parameters() if p.requires_grad]
-    return min(sum(sizes), max([int(bucket_cap_mb * 2**20)] + sizes))
+    return min(sum(sizes), max([SLOT_CAP_BYTES] + sizes))
 
 
 def shm_allreduce_hook(state, bucket):  # unannotated: DDP rejects the string annotations of this module
