@@ -40,17 +40,25 @@ def accumulation(name):
     return 4 if STRATEGIES[name][0] == 0 else 2
 
 
-# where the kill lands, as (training forward index | eval forward index | checkpoint write)
+# where the kill lands, as (training forward index | eval forward index | checkpoint write); every
+# strategy is killed mid-accumulation, at an accumulation boundary, right after a checkpoint
+# (the first forward after step 8 or 16) and during evaluation, all mid-epoch
 CASES = [
-    ("single", "mid-epoch", lambda a: {"kill_at": 13 * a + 2}),
+    ("single", "mid-accumulation", lambda a: {"kill_at": 13 * a + 2}),
+    ("single", "accumulation-boundary", lambda a: {"kill_at": 13 * a}),
+    ("single", "right-after-checkpoint", lambda a: {"kill_at": 16 * a}),
     ("single", "during-eval", lambda a: {"kill_eval_at": 4}),  # 3 eval batches per eval: the 2nd eval
     ("ddp", "accumulation-boundary", lambda a: {"kill_at": 13 * a}),
     ("ddp", "mid-accumulation", lambda a: {"kill_at": 13 * a + 1}),
     ("ddp", "right-after-checkpoint", lambda a: {"kill_at": 16 * a}),
     ("ddp", "during-eval", lambda a: {"kill_eval_at": 2}),  # 2 eval forwards per rank per eval
-    ("fsdp", "mid-epoch", lambda a: {"kill_at": 13 * a + 1}),
+    ("fsdp", "mid-accumulation", lambda a: {"kill_at": 13 * a + 1}),
+    ("fsdp", "accumulation-boundary", lambda a: {"kill_at": 13 * a}),
     ("fsdp", "right-after-checkpoint", lambda a: {"kill_at": 8 * a}),
-    ("zero2", "mid-epoch", lambda a: {"kill_at": 19 * a}),
+    ("fsdp", "during-eval", lambda a: {"kill_eval_at": 2}),
+    ("zero2", "mid-accumulation", lambda a: {"kill_at": 13 * a + 1}),
+    ("zero2", "accumulation-boundary", lambda a: {"kill_at": 19 * a}),
+    ("zero2", "right-after-checkpoint", lambda a: {"kill_at": 16 * a}),
     ("zero2", "during-eval", lambda a: {"kill_eval_at": 2}),
 ]
 
