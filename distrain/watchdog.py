@@ -4,7 +4,10 @@ the names of the ranks that are behind, when no training step completes in time.
 The training loop only assigns two attributes per step (the step and the phase it is in:
 no I/O, no collectives). The thread publishes them to the process group's key-value
 store every few seconds, so when one rank hangs, the others can still tell which rank
-never reached the collective they are all waiting in.
+never reached the collective they are all waiting in. The first rank whose watchdog fires
+says so in the store; the others fire at their next check, and each waits (briefly) for
+every rank's stack dump before exiting, so that no rank's exit ends another's run (a peer
+that exits is an error to the ranks waiting for it) before its stacks are in its log.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ log = logging.getLogger("distrain")
 
 PHASES = ("data", "forward", "backward", "optimizer", "eval", "checkpoint", "done")  # order within a step
 WATCHDOG_EXIT_CODE = 1
+FIRED, DUMPED = "distrain/watchdog/fired", "distrain/watchdog/dumped"
 
 
 class Watchdog:
@@ -25,6 +29,7 @@ class Watchdog:
         self.timeout_s, self.rank, self.world_size = timeout_s, rank, world_size
         self.store, self.log_stream = store, log_stream
         self.step, self.phase = 0, "data"
+        self.interval = max(0.2, min(2.0, timeout_s / 4))
         self._last_step, self._last_change = -1, time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="distrain-watchdog", daemon=True)
@@ -35,12 +40,13 @@ class Watchdog:
         self._thread.join()
 
     def _run(self) -> None:
-        interval = max(0.2, min(2.0, self.timeout_s / 4))
-        while not self._stop.wait(interval):
+        while not self._stop.wait(self.interval):
             if self.phase in ("eval", "checkpoint", "done"):  # not training steps: not timed
                 self._last_change = time.monotonic()
                 continue
             self._publish()
+            if self._peer_fired():
+                self._fire()
             if self.step != self._last_step:
                 self._last_step, self._last_change = self.step, time.monotonic()
             elif time.monotonic() - self._last_change > self.timeout_s:
@@ -52,6 +58,25 @@ class Watchdog:
                 self.store.set(f"distrain/watchdog/{self.rank}", f"{self.step} {PHASES.index(self.phase)}")
             except Exception:  # noqa: BLE001 - a store that went away must not kill the watchdog itself
                 pass
+
+    def _peer_fired(self) -> bool:
+        try:
+            return self.store is not None and self.store.check([FIRED])
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _wait_for_dumps(self, deadline_s: float) -> None:
+        """Until every rank's stacks are in its log, or deadline_s: a hung rank's watchdog thread
+        still runs and dumps; a rank that is already gone never will."""
+        keys = [f"{DUMPED}/{r}" for r in range(self.world_size)]
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end and not self._stop.is_set():
+            try:
+                if self.store.check(keys):
+                    return
+            except Exception:  # noqa: BLE001
+                return
+            self._stop.wait(0.05)
 
     def _positions(self) -> dict[int, tuple[int, int]]:
         where = {}
@@ -84,6 +109,13 @@ class Watchdog:
                   self.timeout_s, self.step, names, self.phase, self.rank)
         for h in logging.getLogger("distrain").handlers:
             h.flush()
+        if self.store is not None and self.world_size > 1:
+            try:
+                self.store.set(FIRED, str(self.rank))
+                self.store.set(f"{DUMPED}/{self.rank}", "1")
+            except Exception:  # noqa: BLE001
+                pass
+            self._wait_for_dumps(2 * self.interval + 1)
         os._exit(WATCHDOG_EXIT_CODE)  # the main thread is stuck: nothing else can end the process
 
 
