@@ -25,10 +25,11 @@ MODELS = {
 
 
 def reference_loop(model_name: str, steps: int, batch: int, prepare, seed: int = 0, lr: float = 1e-3,
-                   ddp: bool = False):
+                   ddp: bool = False, tick=None):
     """The loop a user writes by hand, through `prepare(model, optimizer) -> (net, optimizer,
     backward)`: plain PyTorch or a peer library's wrappers. Same data order (one permutation
-    per epoch), same init. Returns (step-time window means, final state_dict)."""
+    per epoch), same init. Returns (step-time window means, final state_dict). `tick`, if
+    given, is called at the top of every iteration (bench/relay.py's turn-taking)."""
     torch.manual_seed(seed)
     model = MODELS[model_name][0]()
     net, opt, backward = prepare(model, torch.optim.AdamW(model.parameters(), lr=lr))
@@ -37,6 +38,8 @@ def reference_loop(model_name: str, steps: int, batch: int, prepare, seed: int =
     n, times, epoch, pos = len(x), [], 0, 0
     perm = epoch_permutation(n, seed, epoch)
     for _ in range(steps):
+        if tick is not None:
+            tick()
         t0 = time.perf_counter()
         if pos >= n:
             epoch, pos = epoch + 1, 0
@@ -65,11 +68,17 @@ def hand_written(model_name: str, steps: int, batch: int, ddp: bool = False, **k
 
 
 def with_distrain(model_name: str, steps: int, batch: int, seed: int = 0, lr: float = 1e-3, strategy: str = "single",
-                  extra: tuple = ()):
+                  extra: tuple = (), tick=None):
     """distrain's own loop through its CLI entry, in this process. Step times are distrain's
     `step_time_s` (data, forward, backward, norm/guard, optimizer step), each the mean of a
-    window of LOG_EVERY steps, as a user would log (logging every step costs more than the step)."""
+    window of LOG_EVERY steps, as a user would log (logging every step costs more than the step).
+    `tick`, if given, is called at the top of every training step."""
     from distrain.train import main
+    from distrain.trainer import Trainer
+
+    if tick is not None:
+        train_step = Trainer.train_step
+        Trainer.train_step = lambda self: (tick(), train_step(self))[1]
 
     with tempfile.TemporaryDirectory() as d:
         if strategy != "single":  # every rank must see the same run dir

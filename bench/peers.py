@@ -58,7 +58,7 @@ def distrain_gloo(model_name: str, steps: int, batch: int, ddp: bool = False, **
                          extra=("strategy.shared_memory=false",), **kw)
 
 
-LOOPS = {"hand": hand, "distrain": distrain, "fabric": fabric, "accelerate": accelerate, "distrain-gloo": distrain_gloo}
+LOOPS = {"hand": hand, "hand-again": hand, "distrain": distrain, "fabric": fabric, "accelerate": accelerate, "distrain-gloo": distrain_gloo}
 IMPORTS = {"hand": "torch", "distrain": "distrain.train", "fabric": "lightning", "accelerate": "accelerate"}
 
 

@@ -10,10 +10,32 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 LOGGER = "distrain"
 LIBRARY_LOGGERS = ("DeepSpeed", "torch.distributed")
+FLUSH_EVERY_S = 1.0  # info lines and metrics reach the disk at most this late; warnings at once
+
+
+class _LogFile(logging.FileHandler):
+    """A rank's log file that writes warnings and errors through at once and other lines at
+    most FLUSH_EVERY_S late: a write system call per training log line cost more than the
+    rest of the line. A flush from outside emit (the watchdog, close) is always real."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self._due, self._next_flush = True, 0.0
+
+    def emit(self, record):
+        self._due = record.levelno >= logging.WARNING or time.monotonic() >= self._next_flush
+        super().emit(record)  # calls flush()
+        self._due = True
+
+    def flush(self):
+        if self._due:
+            super().flush()
+            self._next_flush = time.monotonic() + FLUSH_EVERY_S
 
 
 class _Below(logging.Filter):
@@ -31,7 +53,7 @@ def setup_logging(run_dir: Path, rank: int, world_size: int, level: str = "info"
     log.setLevel(logging.DEBUG)
     log.propagate = False
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
+    file_handler = _LogFile(run_dir / "logs" / f"rank{rank}.log")
     file_handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"))
     file_handler.setLevel(logging.DEBUG)
     handlers = [file_handler]
@@ -81,7 +103,8 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False):
         self.enabled = enabled
-        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1) if enabled else None
+        self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self._next_flush = 0.0
         self._tb = None
         if enabled and tensorboard:
             try:
@@ -95,6 +118,10 @@ class MetricsWriter:
         if not self.enabled:
             return
         self._file.write(json.dumps(record) + "\n")
+        # training lines at most FLUSH_EVERY_S late (a system call per line cost more than the line); the rest at once
+        if record.get("split") != "train" or time.monotonic() >= self._next_flush:
+            self._file.flush()
+            self._next_flush = time.monotonic() + FLUSH_EVERY_S
         if self._tb is not None:
             split = record.get("split", "train")
             for key, value in record.items():

@@ -45,7 +45,7 @@ class Window:
         self.time = self.data_wait = self.busy = 0.0
 
     def add(self, losses: list, samples: int, seconds: float, data_wait: float, busy: float) -> None:
-        self.losses += losses  # (device tensor, count) pairs: no sync, no kernel per step
+        self.losses += losses  # (float or device tensor, count) pairs: no device sync per step
         self.samples += samples
         self.steps += 1
         self.time += seconds
@@ -53,16 +53,28 @@ class Window:
         self.busy += busy
 
     def reduce(self, comm_device) -> tuple[float, list[float]]:
-        """(global mean loss, per-rank busy seconds per step), in one all-reduce."""
+        """(global mean loss, per-rank busy seconds per step), in one all-reduce (none on one process)."""
         w, r = dist.world_size(), dist.rank()
+        busy = self.busy / max(self.steps, 1)
+        if w == 1:
+            loss = self.loss_sum() / max(self.samples, 1)
+            return (loss if math.isfinite(loss) else float("nan")), [busy]
         buf = torch.zeros(1 + w, dtype=torch.float64)
-        if self.losses:
-            means = torch.stack([m.float() for m, _ in self.losses]).double().cpu()
-            buf[0] = (means * torch.tensor([n for _, n in self.losses], dtype=torch.float64)).sum()
-        buf[1 + r] = self.busy / max(self.steps, 1)
+        buf[0] = self.loss_sum()
+        buf[1 + r] = busy
         buf = dist.all_reduce_sum(buf.to(comm_device)).cpu()
         loss = buf[0].item() / max(self.samples, 1)
         return (loss if math.isfinite(loss) else float("nan")), buf[1:].tolist()
+
+    def loss_sum(self) -> float:
+        """Sum over micro-batches of mean loss x samples. Losses are floats where the step ran on
+        the CPU (reading one there costs nothing) and device tensors elsewhere (read here, once)."""
+        if not self.losses:
+            return 0.0
+        if isinstance(self.losses[0][0], float):
+            return sum(m * n for m, n in self.losses)
+        means = torch.stack([m.float() for m, _ in self.losses]).double().cpu()
+        return (means * torch.tensor([n for _, n in self.losses], dtype=torch.float64)).sum().item()
 
 
 def stragglers(busy: list[float], factor: float) -> list[int]:

@@ -49,6 +49,7 @@ class Trainer:
         # compiled with the model: the loss over a large vocabulary is a fused pass, not three kernels
         self.loss = torch.compile(mean_loss) if cfg.train.compile else mean_loss
         self.flops_per_sample = flops_per_sample(strategy.module, meta)
+        self.loss_on_host = device.type == "cpu"  # reading a CPU loss waits for nothing
         self.peak_flops = peak_flops(device)
 
     # -- what a checkpoint holds besides the strategy's model and optimizer state
@@ -127,7 +128,7 @@ class Trainer:
                 weight = real * self.world_size / batch.global_size
                 s.backward(loss if weight == 1.0 else loss * weight)
             if real:
-                losses.append((loss.detach(), real))
+                losses.append((loss.item() if self.loss_on_host else loss.detach(), real))
         watchdog.phase = "optimizer"
         number = self.step + 1
         grad_norm = s.step(self.cfg.train.grad_clip, want_norm=number % self.cfg.train.log_every == 0

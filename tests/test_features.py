@@ -87,3 +87,66 @@ def test_optimizers(name, cls):
     assert isinstance(opt, cls) and opt.defaults["weight_decay"] == 0.01
     if name == "sgd":
         assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+
+
+@pytest.mark.parametrize("cfg", [OptimConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4),
+                                 OptimConfig(name="adam", lr=1e-3, weight_decay=1e-4),
+                                 OptimConfig(name="adamw", lr=1e-3, weight_decay=0.01),
+                                 OptimConfig(name="rmsprop", lr=1e-3, momentum=0.9, weight_decay=1e-4)],
+                         ids=lambda c: c.name)
+def test_cpu_optimizers_update_bit_for_bit_like_torchs_defaults(cfg):
+    """distrain's CPU optimizers (multi-tensor form, stepped without the profiler range, grads
+    cleared by hand) give exactly the weights of torch's own default loop."""
+    from distrain.strategies.common import optimizer_step
+
+    def train(make, by_distrain: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        opt = make(model)
+        for i in range(20):
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(i))
+            model(x).square().mean().backward()
+            if by_distrain:
+                assert optimizer_step(opt, list(model.parameters()), None, want_norm=False) is None
+                assert all(p.grad is None for p in model.parameters())
+            else:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return model.state_dict()
+
+    def reference(model):
+        kind = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+                "rmsprop": torch.optim.RMSprop}[cfg.name]
+        extra = {"nesterov": True} if cfg.name == "sgd" else {}
+        if cfg.name in ("sgd", "rmsprop"):
+            extra["momentum"] = cfg.momentum
+        return kind(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+
+    ours = train(lambda model: build_optimizer(cfg, model.parameters()), by_distrain=True)
+    theirs = train(reference, by_distrain=False)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    untrained = train(lambda model: torch.optim.SGD(model.parameters(), lr=0.0), by_distrain=False)
+    assert not torch.equal(ours["0.weight"], untrained["0.weight"])
+
+
+def test_optimizer_step_goes_through_torchs_wrapper_when_observed():
+    """Step hooks still run, and a running profiler still sees the optimizer step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from distrain.strategies.common import optimizer_step
+
+    model = torch.nn.Linear(3, 1)
+    opt = build_optimizer(OptimConfig(name="adamw", lr=0.1), model.parameters())
+    calls = []
+    handle = opt.register_step_post_hook(lambda *a: calls.append(1))
+    model(torch.ones(2, 3)).sum().backward()
+    optimizer_step(opt, list(model.parameters()), None, want_norm=False)
+    assert calls == [1]
+    handle.remove()
+    model(torch.ones(2, 3)).sum().backward()
+    optimizer_step(opt, list(model.parameters()), None, want_norm=False)
+    assert calls == [1] and opt.state[model.weight]["step"] == 2
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(torch.ones(2, 3)).sum().backward()
+        optimizer_step(opt, list(model.parameters()), None, want_norm=False)
+    assert any(e.name.startswith("Optimizer.step#AdamW") for e in prof.events())

@@ -1,5 +1,6 @@
 """Logs, metrics, TensorBoard, plots, the hang watchdog and the non-finite guard."""
 import json
+import math
 import subprocess
 import time
 
@@ -201,3 +202,49 @@ def test_flags_read_late_still_count_and_stop(monkeypatch, tmp_path):
                  "train.on_nonfinite=stop"]) != 0
     assert "non-finite loss or gradient norm at step" in (stop / "logs" / "rank0.log").read_text()
     assert_no_nan_checkpoint(stop)
+
+
+def test_log_and_metrics_files_write_warnings_and_eval_lines_through_at_once(tmp_path, monkeypatch):
+    """Training lines may wait (at most log.FLUSH_EVERY_S) for a later write; a warning takes
+    every line before it to the file, an eval record is on disk as soon as it is written."""
+    from distrain import log as dlog
+
+    monkeypatch.setattr(dlog, "FLUSH_EVERY_S", 3600.0)  # nothing is flushed for being due
+    logger = dlog.setup_logging(tmp_path, 0, 1, "warning")
+    metrics_writer = dlog.MetricsWriter(tmp_path, True)
+    try:
+        logger.info("first line")  # the first write of each file flushes (nothing was due yet)
+        metrics_writer.write({"step": 1, "split": "train", "loss": 1.0})
+        logger.info("step 2 line")
+        metrics_writer.write({"step": 2, "split": "train", "loss": 0.5})
+        log_file = tmp_path / "logs" / "rank0.log"
+        assert "step 2 line" not in log_file.read_text()  # buffered: the test of the test
+        assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+        logger.warning("a warning")
+        text = log_file.read_text()
+        assert text.index("step 2 line") < text.index("a warning")
+        metrics_writer.write({"step": 2, "split": "eval", "accuracy": 0.9})
+        rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (2, "eval")]
+        logger.info("last line")
+    finally:
+        metrics_writer.close()
+        dlog.close_logging()
+    assert (tmp_path / "logs" / "rank0.log").read_text().rstrip().endswith("last line")
+
+
+def test_window_loss_is_the_sample_weighted_mean_from_floats_or_tensors():
+    from distrain.metrics import Window
+
+    pairs = [(0.5, 64), (0.25, 64), (2.0, 5)]
+    by_float, by_tensor = Window(), Window()
+    for loss, n in pairs:
+        by_float.add([(loss, n)], n, 0.01, 0.0, 0.005)
+        by_tensor.add([(torch.tensor(loss), n)], n, 0.01, 0.0, 0.005)
+    expected = (0.5 * 64 + 0.25 * 64 + 2.0 * 5) / 133
+    for window in (by_float, by_tensor):
+        loss, busy = window.reduce(torch.device("cpu"))
+        assert loss == pytest.approx(expected, rel=1e-12) and busy == [pytest.approx(0.005)]
+    nan_window = Window()
+    nan_window.add([(float("inf"), 4)], 4, 0.01, 0.0, 0.0)
+    assert math.isnan(nan_window.reduce(torch.device("cpu"))[0])
