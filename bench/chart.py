@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-LOOPS = ["distrain", "fabric", "accelerate", "distrain-gloo"]
+LOOPS = ["distrain", "fabric", "accelerate", "distrain-gloo", "hand-again"]
 
 
 def main(src: str, out: str) -> None:
@@ -37,9 +37,10 @@ def main(src: str, out: str) -> None:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(cases)), cases)
     ax.set_ylabel("step time / hand-written loop")
-    ax.set_ylim(0.8, max(1.4, ax.get_ylim()[1]))
+    lowest = min(r["min"] for rec in records.values() for name, r in rec["loops"].items() if name in LOOPS)
+    ax.set_ylim(min(0.8, lowest - 0.05), max(1.4, ax.get_ylim()[1]) + 0.1)
     ax.set_title("Training-loop overhead (median of interleaved rounds, min-max bars)")
-    ax.legend()
+    ax.legend(loc="upper center", ncol=len(LOOPS), fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
 
