@@ -248,3 +248,25 @@ def test_window_loss_is_the_sample_weighted_mean_from_floats_or_tensors():
     nan_window = Window()
     nan_window.add([(float("inf"), 4)], 4, 0.01, 0.0, 0.0)
     assert math.isnan(nan_window.reduce(torch.device("cpu"))[0])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_finiteness_check_covers_bfloat16_without_gradscalers_kernel(bad, monkeypatch):
+    """GradScaler's kernel has no bfloat16 on CUDA (the pre-save check of FSDP's and ZeRO's
+    bf16 weights failed there): bf16 goes through the per-tensor check, on every device."""
+    from distrain.strategies import common
+
+    kernel = torch._amp_foreach_non_finite_check_and_unscale_
+
+    def no_bf16_kernel(group, found, inv_scale):
+        assert all(t.dtype != torch.bfloat16 for t in group), "bf16 reached GradScaler's kernel"
+        return kernel(group, found, inv_scale)
+
+    monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", no_bf16_kernel)
+    tensors = [torch.ones(5, dtype=torch.bfloat16), torch.ones(3, dtype=torch.float32),
+               torch.ones(4, dtype=torch.bfloat16)]
+    if bad is not None:
+        tensors[2][1] = bad
+    assert common.all_finite(tensors) == (bad is None)
+    assert common.all_finite(tensors[:2])  # the flag was reset after the bad check
+    assert common.nonfinite_flag(tensors).item() == (0.0 if bad is None else 1.0)

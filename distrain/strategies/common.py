@@ -120,9 +120,22 @@ def nonfinite_flag(grads: list, found: torch.Tensor | None = None) -> torch.Tens
         for g in grads:
             by_dtype.setdefault(g.dtype, []).append(g)
         groups = by_dtype.values()
-    for group in groups:  # GradScaler's fused check, unscaling by exactly 1
-        torch._amp_foreach_non_finite_check_and_unscale_(group, found, _ONES[device])
+    for group in groups:
+        if group[0].dtype in SCALER_DTYPES:  # GradScaler's fused check, unscaling by exactly 1
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, _ONES[device])
+        else:
+            torch.maximum(found, nonfinite_any(group).to(found.dtype), out=found)
     return found
+
+
+# what GradScaler's kernel takes on every device: on CUDA it has no bfloat16 (FSDP's and
+# DeepSpeed's 16-bit weights are bfloat16 when the checkpoint checks them)
+SCALER_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+def nonfinite_any(tensors: list) -> torch.Tensor:
+    """A 0-dim bool: whether any of the tensors holds an inf or NaN (a check per tensor)."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).logical_not().any()
 
 
 def all_finite(grads: list) -> bool:
