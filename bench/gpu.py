@@ -1,6 +1,7 @@
 """GPU checks and benchmarks, for a machine with one CUDA GPU, in one run.
 
     python bench/gpu.py [--parts strategies resume memory overhead mfu profile] [--out DIR] [--report DIR] [--small]
+                        [--mfu-cases single ddp] [--mfu-micro 32 64 ...] [--budget-s S]
 
 strategies  every strategy under torchrun on cuda:0 with nccl (world size 1) against `single`
             (25 AdamW steps, clipping on): final weights within 1e-5; fp16 (GradScaler), bf16 and
@@ -345,16 +346,23 @@ def part_overhead(out: Path, small: bool, rounds: int = 5) -> dict:
     return result
 
 
-def part_mfu(out: Path, small: bool, cases: tuple = ("single", "ddp")) -> list[dict]:
+def part_mfu(out: Path, small: bool, cases: tuple = ("single", "ddp"), micros: tuple = (32,)) -> list[dict]:
+    results = []
+    for micro in micros:
+        results += mfu_runs(out, small, cases, 2 if small else micro)
+    return results
+
+
+def mfu_runs(out: Path, small: bool, cases: tuple, micro: int) -> list[dict]:
     s = TINY_GPT if small else GPT2_SMALL
-    micro, steps, every = (2, 20, 5) if small else (32, 40, 10)
+    steps, every = (20, 5) if small else (40, 10)
     base = [*gpt_args(s, micro, n_train=micro * 4), "optim.lr=6e-4", "optim.weight_decay=0.1",
             "optim.betas=[0.9,0.95]", "train.precision=bf16", "train.compile=true",
             f"train.max_steps={steps}", f"train.log_every={every}"]
     results = []
     runs = (("single", ["strategy.name=single"], 0), ("ddp", ["strategy.name=ddp"], 1))
     for name, extra, nproc in (r for r in runs if r[0] in cases):
-        d = out / "mfu" / name
+        d = out / "mfu" / f"{name}-{micro}"
         d.mkdir(parents=True, exist_ok=True)
         code = launch(["--config", BARE, f"run.dir={d / 'run'}", *base, *extra], nproc, d / "log.txt", timeout=400)
         steady = [r for r in rows(d / "run") if r["step"] > every]  # the first window holds the compilation
@@ -432,6 +440,7 @@ def main() -> None:
     p.add_argument("--small", action="store_true", help="tiny sizes: try the script itself on a CPU")
     p.add_argument("--memory-precision", choices=["fp32", "bf16"], default="bf16")
     p.add_argument("--mfu-cases", nargs="+", choices=["single", "ddp"], default=["single", "ddp"])
+    p.add_argument("--mfu-micro", nargs="+", type=int, default=[32], help="micro batch sizes for the MFU runs")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="stop starting runs after this many seconds")
     args = p.parse_args()
     DEADLINE[0] = time.monotonic() + args.budget_s
@@ -455,7 +464,7 @@ def main() -> None:
             elif part == "memory":
                 report[part] = part_memory(args.out, args.small, args.memory_precision)
             elif part == "mfu":
-                report[part] = part_mfu(args.out, args.small, tuple(args.mfu_cases))
+                report[part] = part_mfu(args.out, args.small, tuple(args.mfu_cases), tuple(args.mfu_micro))
             else:
                 report[part] = PARTS[part](args.out, args.small)
         except Exception as e:  # one broken part must not cost the others' results
