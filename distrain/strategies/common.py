@@ -72,9 +72,13 @@ def unobserved_step(optimizer) -> None:
     runs is the same update function, under the same no-grad wrapper."""
     step = type(optimizer).step
     update = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
-    if (update is None or torch._C._autograd._profiler_enabled() or optimizer._optimizer_step_pre_hooks
-            or optimizer._optimizer_step_post_hooks or torch_optimizer._global_optimizer_pre_hooks
-            or torch_optimizer._global_optimizer_post_hooks):
+    # an attribute this torch does not have counts as an observer: then the plain step runs
+    observers = [getattr(optimizer, "_optimizer_step_pre_hooks", True),
+                 getattr(optimizer, "_optimizer_step_post_hooks", True),
+                 getattr(torch_optimizer, "_global_optimizer_pre_hooks", True),
+                 getattr(torch_optimizer, "_global_optimizer_post_hooks", True)]
+    profiling = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)
+    if update is None or any(observers) or profiling():
         optimizer.step()
     else:
         update(optimizer)
