@@ -73,12 +73,19 @@ def with_distrain(model_name: str, steps: int, batch: int, seed: int = 0, lr: fl
     `step_time_s` (data, forward, backward, norm/guard, optimizer step), each the mean of a
     window of LOG_EVERY steps, as a user would log (logging every step costs more than the step).
     `tick`, if given, is called at the top of every training step."""
-    from distrain.train import main
     from distrain.trainer import Trainer
 
+    train_step = Trainer.train_step
     if tick is not None:
-        train_step = Trainer.train_step
         Trainer.train_step = lambda self: (tick(), train_step(self))[1]
+    try:
+        return _run_distrain(model_name, steps, batch, seed, lr, strategy, extra)
+    finally:
+        Trainer.train_step = train_step
+
+
+def _run_distrain(model_name: str, steps: int, batch: int, seed: int, lr: float, strategy: str, extra: tuple):
+    from distrain.train import main
 
     with tempfile.TemporaryDirectory() as d:
         if strategy != "single":  # every rank must see the same run dir

@@ -18,24 +18,37 @@ LIBRARY_LOGGERS = ("DeepSpeed", "torch.distributed")
 FLUSH_EVERY_S = 1.0  # info lines and metrics reach the disk at most this late; warnings at once
 
 
+class _FlushClock:
+    """Says when a file written line by line is due for a flush: at most every FLUSH_EVERY_S,
+    since a write system call per training log line cost more than the rest of the line."""
+
+    def __init__(self):
+        self._next = 0.0
+
+    def due(self, urgent: bool = False) -> bool:
+        now = time.monotonic()
+        if urgent or now >= self._next:
+            self._next = now + FLUSH_EVERY_S
+            return True
+        return False
+
+
 class _LogFile(logging.FileHandler):
-    """A rank's log file that writes warnings and errors through at once and other lines at
-    most FLUSH_EVERY_S late: a write system call per training log line cost more than the
-    rest of the line. A flush from outside emit (the watchdog, close) is always real."""
+    """A rank's log file: warnings and errors go through at once, other lines at most
+    FLUSH_EVERY_S late. A flush from outside emit (the watchdog, close) is always real."""
 
     def __init__(self, path):
         super().__init__(path)
-        self._due, self._next_flush = True, 0.0
+        self._clock, self._due = _FlushClock(), True
 
     def emit(self, record):
-        self._due = record.levelno >= logging.WARNING or time.monotonic() >= self._next_flush
+        self._due = self._clock.due(urgent=record.levelno >= logging.WARNING)
         super().emit(record)  # calls flush()
         self._due = True
 
     def flush(self):
         if self._due:
             super().flush()
-            self._next_flush = time.monotonic() + FLUSH_EVERY_S
 
 
 class _Below(logging.Filter):
@@ -104,7 +117,7 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False):
         self.enabled = enabled
         self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None
-        self._next_flush = 0.0
+        self._clock = _FlushClock()
         self._tb = None
         if enabled and tensorboard:
             try:
@@ -118,10 +131,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         self._file.write(json.dumps(record) + "\n")
-        # training lines at most FLUSH_EVERY_S late (a system call per line cost more than the line); the rest at once
-        if record.get("split") != "train" or time.monotonic() >= self._next_flush:
+        if self._clock.due(urgent=record.get("split") != "train"):  # eval lines at once
             self._file.flush()
-            self._next_flush = time.monotonic() + FLUSH_EVERY_S
         if self._tb is not None:
             split = record.get("split", "train")
             for key, value in record.items():

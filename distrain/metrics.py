@@ -55,16 +55,15 @@ class Window:
     def reduce(self, comm_device) -> tuple[float, list[float]]:
         """(global mean loss, per-rank busy seconds per step), in one all-reduce (none on one process)."""
         w, r = dist.world_size(), dist.rank()
-        busy = self.busy / max(self.steps, 1)
-        if w == 1:
-            loss = self.loss_sum() / max(self.samples, 1)
-            return (loss if math.isfinite(loss) else float("nan")), [busy]
-        buf = torch.zeros(1 + w, dtype=torch.float64)
-        buf[0] = self.loss_sum()
-        buf[1 + r] = busy
-        buf = dist.all_reduce_sum(buf.to(comm_device)).cpu()
-        loss = buf[0].item() / max(self.samples, 1)
-        return (loss if math.isfinite(loss) else float("nan")), buf[1:].tolist()
+        busy, total = self.busy / max(self.steps, 1), self.loss_sum()
+        per_rank = [busy]
+        if w > 1:
+            buf = torch.zeros(1 + w, dtype=torch.float64)
+            buf[0], buf[1 + r] = total, busy
+            buf = dist.all_reduce_sum(buf.to(comm_device)).cpu()
+            total, per_rank = buf[0].item(), buf[1:].tolist()
+        loss = total / max(self.samples, 1)
+        return (loss if math.isfinite(loss) else float("nan")), per_rank
 
     def loss_sum(self) -> float:
         """Sum over micro-batches of mean loss x samples. Losses are floats where the step ran on

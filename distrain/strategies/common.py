@@ -116,15 +116,7 @@ def nonfinite_flag(grads: list, found: torch.Tensor | None = None) -> torch.Tens
         _ONES[device] = torch.ones(1, device=device)
     if found is None:
         found = torch.zeros((), device=device)  # 0-dim, as GradScaler makes it
-    dtype = grads[0].dtype
-    if all(g.dtype == dtype for g in grads):
-        groups = [grads]
-    else:
-        by_dtype: dict = {}
-        for g in grads:
-            by_dtype.setdefault(g.dtype, []).append(g)
-        groups = by_dtype.values()
-    for group in groups:
+    for group in grouped(grads, "dtype"):
         if group[0].dtype in SCALER_DTYPES:  # GradScaler's fused check, unscaling by exactly 1
             torch._amp_foreach_non_finite_check_and_unscale_(group, found, _ONES[device])
         else:
@@ -142,14 +134,26 @@ def nonfinite_any(tensors: list) -> torch.Tensor:
     return torch.stack([torch.isfinite(t).all() for t in tensors]).logical_not().any()
 
 
+def grouped(tensors: list, attribute: str) -> list[list]:
+    """The tensors grouped by an attribute (device, dtype), in first-seen order; one group, the
+    list itself, when they all share it (the common case, checked without building a dict)."""
+    if not tensors:
+        return []
+    first = getattr(tensors[0], attribute)
+    if all(getattr(t, attribute) == first for t in tensors):
+        return [tensors]
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault(getattr(t, attribute), []).append(t)
+    return list(groups.values())
+
+
 def all_finite(grads: list) -> bool:
     """Whether every gradient is finite: GradScaler's fused check, unscaling by exactly 1, into
     a flag reused between calls (reset only after it was raised) since this runs every step."""
-    by_device: dict = {}
-    for g in grads:
-        by_device.setdefault(g.device, []).append(g)
     finite = True
-    for device, group in by_device.items():
+    for group in grouped(grads, "device"):
+        device = group[0].device
         if device not in _FOUND:
             _FOUND[device] = torch.zeros((), device=device)
         found = _FOUND[device]

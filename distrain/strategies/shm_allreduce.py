@@ -66,7 +66,8 @@ class GradientAverager:
     def __init__(self, slots: Slots, params: list):
         self.slots, self.params = slots, params
         self.world = slots.group.world_size
-        self._plans: dict = {}
+        # a gradient always has its parameter's shape and dtype (torch enforces it): one plan
+        self.plan = self._plan(params)
 
     @classmethod
     def create(cls, group: shm.HostGroup, module: torch.nn.Module) -> GradientAverager | None:
@@ -85,55 +86,52 @@ class GradientAverager:
             if not p.grad.is_contiguous():
                 p.grad = p.grad.contiguous()
             grads.append(p.grad)
-        for spans, views, runs in self._plan(grads):
+        for spans, views, runs in self.plan:
             self.slots.average([_piece(grads[i], a, b) for i, a, b in spans], views, runs)
 
-    def _plan(self, grads: list) -> list:
-        """(spans, views, runs) per chunk: spans are (gradient index, first element, end element)
+    def _plan(self, params: list) -> list:
+        """(spans, views, runs) per chunk: spans are (parameter index, first element, end element)
         that fit one slot together (a gradient larger than a slot spans several chunks);
         views[parity][rank] are tensors over that slot, one per span, shaped like its piece of the
         gradient; runs are (dtype, first byte, end byte) of the slot, one per dtype."""
-        key = tuple((g.dtype, g.shape) for g in grads)
-        if key not in self._plans:
-            cap, chunks, spans, offsets, used = self.slots.buffer.shape[-1], [], [], [], 0
-            by_dtype = sorted(range(len(grads)), key=lambda i: str(grads[i].dtype))  # each dtype one run
-            for i in by_dtype:
-                g = grads[i]
-                start, size = 0, g.element_size()
-                while start < g.numel():
-                    room = (cap - used) // size
-                    if room == 0:
-                        chunks.append((spans, offsets))
-                        spans, offsets, used = [], [], 0
-                        continue
-                    end = min(g.numel(), start + room)
-                    spans.append((i, start, end))
-                    offsets.append(used)
-                    used = _aligned(used + (end - start) * size)
-                    start = end
-            if spans:
-                chunks.append((spans, offsets))
-            self._plans[key] = [(spans, self._views(grads, spans, offsets), _runs(grads, spans, offsets))
-                                for spans, offsets in chunks]
-        return self._plans[key]
+        cap, chunks, spans, offsets, used = self.slots.buffer.shape[-1], [], [], [], 0
+        by_dtype = sorted(range(len(params)), key=lambda i: str(params[i].dtype))  # each dtype one run
+        for i in by_dtype:
+            p = params[i]
+            start, size = 0, p.element_size()
+            while start < p.numel():
+                room = (cap - used) // size
+                if room == 0:
+                    chunks.append((spans, offsets))
+                    spans, offsets, used = [], [], 0
+                    continue
+                end = min(p.numel(), start + room)
+                spans.append((i, start, end))
+                offsets.append(used)
+                used = _aligned(used + (end - start) * size)
+                start = end
+        if spans:
+            chunks.append((spans, offsets))
+        return [(spans, self._views(params, spans, offsets), _runs(params, spans, offsets))
+                for spans, offsets in chunks]
 
-    def _views(self, grads: list, spans: list, offsets: list) -> list:
+    def _views(self, params: list, spans: list, offsets: list) -> list:
         views = []
         for parity in range(2):
             per_rank = []
             for r in range(self.world):
                 slot = self.slots.buffer[parity, r]
-                per_rank.append([slot[at : at + (b - a) * grads[i].element_size()].view(grads[i].dtype)
-                                 .view(_piece(grads[i], a, b).shape) for (i, a, b), at in zip(spans, offsets)])
+                per_rank.append([slot[at : at + (b - a) * params[i].element_size()].view(params[i].dtype)
+                                 .view(_piece(params[i], a, b).shape) for (i, a, b), at in zip(spans, offsets)])
             views.append(per_rank)
         return views
 
 
-def _runs(grads: list, spans: list, offsets: list) -> list:
+def _runs(params: list, spans: list, offsets: list) -> list:
     runs: dict = {}
     for (i, a, b), at in zip(spans, offsets):
-        first, _ = runs.get(grads[i].dtype, (at, 0))
-        runs[grads[i].dtype] = (first, at + (b - a) * grads[i].element_size())
+        first, _ = runs.get(params[i].dtype, (at, 0))
+        runs[params[i].dtype] = (first, at + (b - a) * params[i].element_size())
     return [(dtype, first, end) for dtype, (first, end) in runs.items()]
 
 
