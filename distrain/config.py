@@ -78,6 +78,7 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     eval_every: int = 0  # 0: only at the end
     log_every: int = 10
+    gc_every: int = 50  # Python's garbage collection, every rank at the same step; 0: Python's automatic one
     compile: bool = False
     activation_checkpointing: bool = False
     on_nonfinite: Literal["skip", "stop"] = "stop"
@@ -262,6 +263,7 @@ def validate(cfg: Config) -> None:
     _non_negative("data.num_workers", d.num_workers)
     _non_negative("train.eval_every", t.eval_every)
     _positive("train.log_every", t.log_every)
+    _non_negative("train.gc_every", t.gc_every)
     _positive("strategy.timeout_s", cfg.strategy.timeout_s)
     _non_negative("checkpoint.every_steps", cfg.checkpoint.every_steps)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)

@@ -77,11 +77,14 @@ def map_shared(nbytes: int) -> torch.Tensor | None:
 
 
 class HostGroup:
-    """The ranks of a job that all run on this machine: a barrier and one published integer
-    per rank, through shared memory."""
+    """The ranks of a job that all run on this machine: a barrier, one published integer per
+    rank, and a gather of a few floats, through shared memory."""
 
-    def __init__(self, flags, rank: int, world_size: int, timeout_s: float):
+    GATHER_MAX = ALIGN // 8  # floats per rank in one gather: one cache line
+
+    def __init__(self, flags, values, rank: int, world_size: int, timeout_s: float):
         self.flags, self.rank, self.world_size, self.timeout_s = flags, rank, world_size, timeout_s
+        self.values = values  # [parity, rank, GATHER_MAX] float64
         self.arrivals = 0
         self.peers = [r for r in range(world_size) if r != rank]
         self.pids = {r: int(flags[r, _PID]) for r in self.peers}
@@ -92,14 +95,15 @@ class HostGroup:
         rank, world = dist.get_rank(), dist.get_world_size()
         if not ORDERED_STORES:
             return None
-        buffer = map_shared(world * ALIGN)
+        buffer = map_shared(3 * world * ALIGN)  # a flag line per rank, then two gather lines per rank
         if buffer is None:
             return None
-        flags = buffer.view(torch.int64).numpy().reshape(world, ALIGN // 8)
+        flags = buffer[: world * ALIGN].view(torch.int64).numpy().reshape(world, ALIGN // 8)
+        values = buffer[world * ALIGN :].view(torch.float64).numpy().reshape(2, world, cls.GATHER_MAX)
         flags[rank, _PID] = os.getpid()
         seen = torch.tensor([1])
         dist.all_reduce(seen)  # every pid is written before any rank reads them
-        group = cls(flags, rank, world, timeout_s)
+        group = cls(flags, values, rank, world, timeout_s)
         # peers this process cannot see (another pid namespace) could not be told dead from alive
         visible = torch.tensor([int(all(_alive(pid) for pid in group.pids.values()))])
         dist.all_reduce(visible, op=dist.ReduceOp.MIN)
@@ -133,6 +137,15 @@ class HostGroup:
                                f"(process(es) {[self.pids[r] for r in dead]} gone)")
         if waited > self.timeout_s:
             raise RuntimeError(f"rank(s) {late} did not arrive within strategy.timeout_s={self.timeout_s:g}")
+
+    def gather(self, values: list[float]) -> list[list[float]]:
+        """Collective: every rank's values (at most GATHER_MAX floats, the same count on every rank),
+        in rank order. The lines alternate by barrier number: a rank writes a line again only two
+        barriers later, which its peers pass only once they have read it."""
+        parity, n = (self.arrivals + 1) % 2, len(values)
+        self.values[parity, self.rank, :n] = values
+        self.barrier()
+        return self.values[parity, :, :n].tolist()
 
     def publish(self, value: int) -> None:
         """This rank's integer; others see it after their next barrier with this rank."""

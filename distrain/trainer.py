@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from . import dist
+from . import collector, dist
 from .config import Config
 from .data.loader import StepLoader
 from .data.sampler import ResumableSampler
@@ -74,26 +74,32 @@ class Trainer:
             self.checkpointer.maybe_resume(self)
         progress = Progress(cfg.log.progress, self.interactive, self.rank == 0, self.total_steps, self.step)
         window, start, first_step = Window(), time.perf_counter(), self.step
+        # a window's time is the loop's wall time, its log lines and collections included, less
+        # evaluations and checkpoints (not training throughput)
+        mark = start
         try:
-            while self.step < self.total_steps:
-                t0 = time.perf_counter()
-                losses, samples, grad_norm, data_wait, busy = self.train_step()
-                self.step += 1
-                self.watchdog.step = self.step
-                window.add(losses, samples, time.perf_counter() - t0, data_wait, busy)
-                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                    self.log_train(window, grad_norm, progress)
-                    window = Window()
-                progress.update(self.step)
-                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
-                    self.run_eval()
-                if self.checkpointer is not None and self.checkpointer.due(self.step) and self.step < self.total_steps:
-                    self.save_checkpoint()
-                if self.preemption is not None and self.preemption.should_stop():
-                    self.preemption.drain()
-                    log.warning("preemption signal: checkpointing at step %d and exiting for a requeue", self.step)
-                    self.save_checkpoint()
-                    return self.summary(start, first_step, preempted=True)
+            with collector.lockstep(cfg.train.gc_every) as collect:
+                while self.step < self.total_steps:
+                    losses, samples, grad_norm, data_wait, busy = self.train_step()
+                    self.step += 1
+                    self.watchdog.step = self.step
+                    collect(self.step)
+                    now = time.perf_counter()
+                    window.add(losses, samples, now - mark, data_wait, busy)
+                    mark = now
+                    if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                        self.log_train(window, grad_norm, progress)
+                        window = Window()
+                    progress.update(self.step)
+                    if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
+                        mark += self.timed(self.run_eval)
+                    if self.checkpointer is not None and self.checkpointer.due(self.step) and self.step < self.total_steps:
+                        mark += self.timed(self.save_checkpoint)
+                    if self.preemption is not None and self.preemption.should_stop():
+                        self.preemption.drain()
+                        log.warning("preemption signal: checkpointing at step %d and exiting for a requeue", self.step)
+                        self.save_checkpoint()
+                        return self.summary(start, first_step, preempted=True)
         finally:
             progress.close()
         if self.preemption is not None:
@@ -103,6 +109,12 @@ class Trainer:
         if self.checkpointer is not None:
             self.save_checkpoint(final=True)
         return self.summary(start, first_step, preempted=False)
+
+    @staticmethod
+    def timed(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
 
     def train_step(self):
         s, watchdog = self.strategy, self.watchdog

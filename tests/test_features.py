@@ -150,3 +150,43 @@ def test_optimizer_step_goes_through_torchs_wrapper_when_observed():
         model(torch.ones(2, 3)).sum().backward()
         optimizer_step(opt, list(model.parameters()), None, want_norm=False)
     assert any(e.name.startswith("Optimizer.step#AdamW") for e in prof.events())
+
+
+def test_garbage_collection_runs_on_every_rank_at_the_same_step_and_is_restored():
+    """The automatic collector is off in the loop; young objects are collected exactly at every
+    gc_every-th step (the same step on every rank), cyclic garbage included."""
+    import gc
+    import weakref
+
+    from distrain import collector
+
+    class Node:
+        pass
+
+    started = []
+
+    def seen(phase, info):
+        if phase == "start":
+            started.append(info["generation"])
+
+    gc.callbacks.append(seen)
+    try:
+        with collector.lockstep(5) as collect:
+            assert not gc.isenabled()
+            cycle = Node()
+            cycle.me = cycle
+            ref = weakref.ref(cycle)
+            del cycle
+            started.clear()
+            for step in range(1, 5):
+                collect(step)
+                [Node() for _ in range(2000)]  # enough allocations to trigger Python's automatic collection
+            assert ref() is not None and started == []
+            collect(5)
+            assert ref() is None and started == [1]
+        assert gc.isenabled()
+        with collector.lockstep(0):
+            assert gc.isenabled()  # 0: Python's own automatic collection
+    finally:
+        gc.callbacks.remove(seen)
+        gc.enable()

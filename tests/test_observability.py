@@ -270,3 +270,34 @@ def test_finiteness_check_covers_bfloat16_without_gradscalers_kernel(bad, monkey
     assert common.all_finite(tensors) == (bad is None)
     assert common.all_finite(tensors[:2])  # the flag was reset after the bad check
     assert common.nonfinite_flag(tensors).item() == (0.0 if bad is None else 1.0)
+
+
+def test_throughput_counts_log_lines_and_collections_but_not_evaluations_or_checkpoints(tmp_path, monkeypatch):
+    """samples/s and step time are the loop's wall time: what a log line costs lands in the next
+    window; an evaluation or a checkpoint, timed and reported on their own, in none. On a fake
+    clock that a step moves by 1 s, a log line by 10 s and an eval or a save by 1000 s."""
+    from types import SimpleNamespace
+
+    from distrain import trainer
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def advancing(method, seconds):
+        def run(self, *args, **kwargs):
+            out = method(self, *args, **kwargs)
+            clock[0] += seconds
+            return out
+        return run
+
+    for name, seconds in [("train_step", 1.0), ("log_train", 10.0), ("run_eval", 1000.0), ("save_checkpoint", 1000.0)]:
+        monkeypatch.setattr(trainer.Trainer, name, advancing(getattr(trainer.Trainer, name), seconds))
+    run = tmp_path / "run"
+    from distrain.train import main
+
+    assert main([*map(str, DIGITS), f"run.dir={run}", "train.max_steps=20", "train.log_every=5",
+                 "train.eval_every=10", "checkpoint.every_steps=10", "data.global_batch_size=64"]) == 0
+    rows = metrics(run, "train")
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert [r["step_time_s"] for r in rows] == [1.0, 3.0, 3.0, 3.0]  # (5 steps + the last line's 10 s) / 5
+    assert [r["samples_per_s"] for r in rows] == [64.0, 64 / 3, 64 / 3, 64 / 3]

@@ -203,3 +203,29 @@ def _handed_group_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_a_process_group_made_by_the_caller_still_gets_shared_memory(tmp_path):
     _spawn(_handed_group_worker, 2, str(tmp_path))
     assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == [[True, False], [True, False]]
+
+
+def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
+    shm = _join(rank, world, port)
+    from distrain import dist as ddist
+    from distrain.metrics import Window
+
+    group = shm.HostGroup.create(60)
+    rows = [group.gather([float(rank), 10.0 * rank + call]) for call in range(3)]  # back to back: the lines alternate
+    window = Window()
+    window.add([(0.25 * (rank + 1), 64)], 64 * world, 0.01, 0.0, 0.001 * (rank + 1))
+    ddist._host_group = group
+    shared = window.reduce(torch.device("cpu"))
+    ddist._host_group = None
+    torch.save({"rows": rows, "shared": shared, "gloo": window.reduce(torch.device("cpu"))}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_log_line_statistics_gathered_through_shared_memory_equal_gloos(tmp_path):
+    _spawn(_gather_worker, 3, str(tmp_path))
+    for r in range(3):
+        out = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert out["rows"] == [[[0.0, call], [1.0, 10.0 + call], [2.0, 20.0 + call]] for call in range(3)]
+        (loss, busy), (gloo_loss, gloo_busy) = out["shared"], out["gloo"]
+        assert loss == gloo_loss == (0.25 + 0.5 + 0.75) / 3
+        assert busy == gloo_busy == [0.001, 0.002, 0.003]

@@ -2,10 +2,10 @@
 
 gloo's TCP all-reduce between processes on one host costs ~1-3 ms per bucket on a small
 machine, whatever the bucket's size: more than the step of a small model. Here each rank
-copies its (pre-divided) gradients into its slot of a buffer every rank has mapped, one
-barrier of the host group (distrain.shm), and each rank sums the slots in rank order. Two
-ranks get gloo's exact result (a + b is commutative); more ranks get one fixed order, the
-same on every rank. Two buffers alternate, so the next chunk's writes cannot overtake a
+divides its gradients by the world size and copies them into its slot of a buffer every
+rank has mapped, one barrier of the host group (distrain.shm), and each rank sums the slots
+in rank order. Two ranks get gloo's exact result (a + b is commutative: each adds the
+other's share to its own); more ranks get one fixed order, the same on every rank. Two buffers alternate, so the next chunk's writes cannot overtake a
 slower rank's reads of this one without a barrier in between.
 
 Two ways in. `GradientAverager` averages the bare module's gradients after backward: the
@@ -42,20 +42,26 @@ class Slots:
         buffer = shm.map_shared(2 * group.world_size * slot_bytes)
         return None if buffer is None else cls(buffer, group, slot_bytes)
 
-    def average(self, pieces: list, views: list, runs: list) -> None:
-        """Collective: replace each piece by its mean over the ranks, the way DDP computes it.
+    def average(self, pieces: list, views: list) -> None:
+        """Collective: replace each piece by its mean over the ranks, the way DDP computes it:
+        each rank's share divided by the world size, then summed in rank order.
 
-        views[parity][rank]: tensors over that slot, one per piece and shaped like it; runs:
-        (dtype, first byte, end byte) of a slot, one per dtype, covering the pieces."""
+        views[parity][rank]: tensors over that slot, one per piece and shaped like it."""
         self.calls += 1
-        parity, rank = self.calls % 2, self.group.rank
-        slots, mine = views[parity], self.buffer[parity, rank]
+        parity, rank, world = self.calls % 2, self.group.rank, self.group.world_size
+        slots = views[parity]
+        if world & (world - 1) == 0:  # x * 2**-k is x / 2**k, bit for bit, and a cheaper pass
+            torch._foreach_mul_(pieces, 1.0 / world)
+        else:
+            torch._foreach_div_(pieces, world)
         torch._foreach_copy_(slots[rank], pieces)
-        for dtype, a, b in runs:  # one divide per dtype over its run of the slot: where DDP divides
-            mine[a:b].view(dtype).div_(self.group.world_size)
         self.group.barrier()
-        torch._foreach_copy_(pieces, slots[0])  # summed in rank order: the same bits on every rank
-        for r in range(1, self.group.world_size):
+        if world == 2:  # a + b == b + a: each rank adds the other's share to its own
+            torch._foreach_add_(pieces, slots[1 - rank])
+            return
+        if rank != 0:  # summed in rank order: the same bits on every rank (rank 0's pieces are slot 0)
+            torch._foreach_copy_(pieces, slots[0])
+        for r in range(1, world):
             torch._foreach_add_(pieces, slots[r])
 
 
@@ -86,18 +92,16 @@ class GradientAverager:
             if not p.grad.is_contiguous():
                 p.grad = p.grad.contiguous()
             grads.append(p.grad)
-        for spans, views, runs in self.plan:
-            self.slots.average([_piece(grads[i], a, b) for i, a, b in spans], views, runs)
+        for spans, views in self.plan:
+            self.slots.average([_piece(grads[i], a, b) for i, a, b in spans], views)
 
     def _plan(self, params: list) -> list:
-        """(spans, views, runs) per chunk: spans are (parameter index, first element, end element)
+        """(spans, views) per chunk: spans are (parameter index, first element, end element)
         that fit one slot together (a gradient larger than a slot spans several chunks);
         views[parity][rank] are tensors over that slot, one per span, shaped like its piece of the
-        gradient; runs are (dtype, first byte, end byte) of the slot, one per dtype."""
+        gradient."""
         cap, chunks, spans, offsets, used = self.slots.buffer.shape[-1], [], [], [], 0
-        by_dtype = sorted(range(len(params)), key=lambda i: str(params[i].dtype))  # each dtype one run
-        for i in by_dtype:
-            p = params[i]
+        for i, p in enumerate(params):
             start, size = 0, p.element_size()
             while start < p.numel():
                 room = (cap - used) // size
@@ -112,8 +116,7 @@ class GradientAverager:
                 start = end
         if spans:
             chunks.append((spans, offsets))
-        return [(spans, self._views(params, spans, offsets), _runs(params, spans, offsets))
-                for spans, offsets in chunks]
+        return [(spans, self._views(params, spans, offsets)) for spans, offsets in chunks]
 
     def _views(self, params: list, spans: list, offsets: list) -> list:
         views = []
@@ -125,14 +128,6 @@ class GradientAverager:
                                  .view(_piece(params[i], a, b).shape) for (i, a, b), at in zip(spans, offsets)])
             views.append(per_rank)
         return views
-
-
-def _runs(params: list, spans: list, offsets: list) -> list:
-    runs: dict = {}
-    for (i, a, b), at in zip(spans, offsets):
-        first, _ = runs.get(params[i].dtype, (at, 0))
-        runs[params[i].dtype] = (first, at + (b - a) * params[i].element_size())
-    return [(dtype, first, end) for dtype, (first, end) in runs.items()]
 
 
 def _piece(g: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -155,7 +150,7 @@ class BucketAllReduce:
     def allreduce(self, bucket: torch.Tensor) -> torch.Tensor:
         nbytes = bucket.numel() * bucket.element_size()
         views = [[[slot[:nbytes].view(bucket.dtype)] for slot in by_rank] for by_rank in self.slots.buffer]
-        self.slots.average([bucket.view(-1)], views, [(bucket.dtype, 0, nbytes)])
+        self.slots.average([bucket.view(-1)], views)
         return bucket
 
 
