@@ -3,8 +3,8 @@ global batch grows with the world size; efficiency = throughput(N) / (N x throug
 
     python bench/scaling.py [--model mlp|convnet] [--steps 400] [--ranks 1 2 4] [--rounds 3]
 
-Throughput is distrain's own samples/s over the steady-state log windows (first window
-dropped), median over rounds, each round a fresh torchrun. The ceiling runs the same
+Throughput is distrain's own samples/s over the steady-state log windows (the loop's wall
+time, log lines included; first window dropped), median over rounds, each round a fresh torchrun. The ceiling runs the same
 number of single-process trainings side by side without communicating: what the machine
 allows before any all-reduce. With more ranks than cores (4 on a 2-core machine) the
 figure measures oversubscription, not the launcher.
