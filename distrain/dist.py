@@ -104,7 +104,15 @@ def barrier() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if active():
+    """In place. A small CPU tensor (a log line's statistics, a flag) goes through the host
+    group's shared memory where there is one: microseconds instead of gloo's milliseconds,
+    summed in rank order as float64 (exact for counts, gloo's bits for two ranks)."""
+    if not active():
+        return t
+    if _host_group is not None and t.device.type == "cpu" and t.numel() <= _host_group.GATHER_MAX:
+        rows = _host_group.gather(t.double().flatten().tolist())
+        t.copy_(torch.tensor([sum(column) for column in zip(*rows)], dtype=torch.float64).view(t.shape))
+    else:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 

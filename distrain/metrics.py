@@ -1,5 +1,5 @@
 """What the loop measures: windows of training statistics, peak memory, model FLOPs
-utilisation and stragglers. One all-reduce (or shared-memory gather) per log line, none per step."""
+utilisation and stragglers. One all-reduce per log line, none per step."""
 from __future__ import annotations
 
 import math
@@ -56,11 +56,8 @@ class Window:
         """(global mean loss, per-rank busy seconds per step), in one all-reduce (none on one process)."""
         w, r = dist.world_size(), dist.rank()
         busy, total = self.busy / max(self.steps, 1), self.loss_sum()
-        per_rank, group = [busy], dist.host_group()
-        if group is not None:  # every rank on this machine: shared memory, microseconds instead of gloo's milliseconds
-            rows = group.gather([total, busy])
-            total, per_rank = sum(row[0] for row in rows), [row[1] for row in rows]
-        elif w > 1:
+        per_rank = [busy]
+        if w > 1:
             buf = torch.zeros(1 + w, dtype=torch.float64)
             buf[0], buf[1 + r] = total, busy
             buf = dist.all_reduce_sum(buf.to(comm_device)).cpu()

@@ -80,7 +80,7 @@ class HostGroup:
     """The ranks of a job that all run on this machine: a barrier, one published integer per
     rank, and a gather of a few floats, through shared memory."""
 
-    GATHER_MAX = ALIGN // 8  # floats per rank in one gather: one cache line
+    GATHER_MAX = 64  # floats per rank in one gather (512 bytes: a log line's statistics for 63 ranks)
 
     def __init__(self, flags, values, rank: int, world_size: int, timeout_s: float):
         self.flags, self.rank, self.world_size, self.timeout_s = flags, rank, world_size, timeout_s
@@ -95,7 +95,7 @@ class HostGroup:
         rank, world = dist.get_rank(), dist.get_world_size()
         if not ORDERED_STORES:
             return None
-        buffer = map_shared(3 * world * ALIGN)  # a flag line per rank, then two gather lines per rank
+        buffer = map_shared(world * (ALIGN + 2 * 8 * cls.GATHER_MAX))  # a flag line per rank, two gather areas
         if buffer is None:
             return None
         flags = buffer[: world * ALIGN].view(torch.int64).numpy().reshape(world, ALIGN // 8)
@@ -140,7 +140,7 @@ class HostGroup:
 
     def gather(self, values: list[float]) -> list[list[float]]:
         """Collective: every rank's values (at most GATHER_MAX floats, the same count on every rank),
-        in rank order. The lines alternate by barrier number: a rank writes a line again only two
+        in rank order. The areas alternate by barrier number: a rank writes one again only two
         barriers later, which its peers pass only once they have read it."""
         parity, n = (self.arrivals + 1) % 2, len(values)
         self.values[parity, self.rank, :n] = values

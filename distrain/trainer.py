@@ -2,6 +2,7 @@
 between strategies stays behind the Strategy protocol."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -77,31 +78,28 @@ class Trainer:
         # a window's time is the loop's wall time, its log lines and collections included, less
         # evaluations and checkpoints (not training throughput)
         mark = start
-        try:
-            with collector.lockstep(cfg.train.gc_every) as collect:
-                while self.step < self.total_steps:
-                    losses, samples, grad_norm, data_wait, busy = self.train_step()
-                    self.step += 1
-                    self.watchdog.step = self.step
-                    collect(self.step)
-                    now = time.perf_counter()
-                    window.add(losses, samples, now - mark, data_wait, busy)
-                    mark = now
-                    if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                        self.log_train(window, grad_norm, progress)
-                        window = Window()
-                    progress.update(self.step)
-                    if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
-                        mark += self.timed(self.run_eval)
-                    if self.checkpointer is not None and self.checkpointer.due(self.step) and self.step < self.total_steps:
-                        mark += self.timed(self.save_checkpoint)
-                    if self.preemption is not None and self.preemption.should_stop():
-                        self.preemption.drain()
-                        log.warning("preemption signal: checkpointing at step %d and exiting for a requeue", self.step)
-                        self.save_checkpoint()
-                        return self.summary(start, first_step, preempted=True)
-        finally:
-            progress.close()
+        with contextlib.closing(progress), collector.lockstep(cfg.train.gc_every) as collect:
+            while self.step < self.total_steps:
+                losses, samples, grad_norm, data_wait, busy = self.train_step()
+                self.step += 1
+                self.watchdog.step = self.step
+                collect(self.step)
+                now = time.perf_counter()
+                window.add(losses, samples, now - mark, data_wait, busy)
+                mark = now
+                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                    self.log_train(window, grad_norm, progress)
+                    window = Window()
+                progress.update(self.step)
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
+                    mark += self.timed(self.run_eval)
+                if self.checkpointer is not None and self.checkpointer.due(self.step) and self.step < self.total_steps:
+                    mark += self.timed(self.save_checkpoint)
+                if self.preemption is not None and self.preemption.should_stop():
+                    self.preemption.drain()
+                    log.warning("preemption signal: checkpointing at step %d and exiting for a requeue", self.step)
+                    self.save_checkpoint()
+                    return self.summary(start, first_step, preempted=True)
         if self.preemption is not None:
             self.preemption.drain()
         self.read_flags()

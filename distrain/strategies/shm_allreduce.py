@@ -5,8 +5,9 @@ machine, whatever the bucket's size: more than the step of a small model. Here e
 divides its gradients by the world size and copies them into its slot of a buffer every
 rank has mapped, one barrier of the host group (distrain.shm), and each rank sums the slots
 in rank order. Two ranks get gloo's exact result (a + b is commutative: each adds the
-other's share to its own); more ranks get one fixed order, the same on every rank. Two buffers alternate, so the next chunk's writes cannot overtake a
-slower rank's reads of this one without a barrier in between.
+other's share to its own); more ranks get one fixed order, the same on every rank. Two
+buffers alternate, so the next chunk's writes cannot overtake a slower rank's reads of
+this one without a barrier in between.
 
 Two ways in. `GradientAverager` averages the bare module's gradients after backward: the
 model runs unwrapped, with none of DDP's per-forward checks or per-gradient reducer hooks,
@@ -34,6 +35,9 @@ class Slots:
 
     def __init__(self, buffer: torch.Tensor, group: shm.HostGroup, slot_bytes: int):
         self.buffer, self.group, self.calls = buffer.view(2, group.world_size, slot_bytes), group, 0
+        world = group.world_size
+        # x * 2**-k is x / 2**k, bit for bit, and a cheaper pass
+        self.scale = (torch._foreach_mul_, 1.0 / world) if world & (world - 1) == 0 else (torch._foreach_div_, world)
 
     @classmethod
     def create(cls, group: shm.HostGroup, slot_bytes: int) -> Slots | None:
@@ -50,10 +54,8 @@ class Slots:
         self.calls += 1
         parity, rank, world = self.calls % 2, self.group.rank, self.group.world_size
         slots = views[parity]
-        if world & (world - 1) == 0:  # x * 2**-k is x / 2**k, bit for bit, and a cheaper pass
-            torch._foreach_mul_(pieces, 1.0 / world)
-        else:
-            torch._foreach_div_(pieces, world)
+        scale, by = self.scale
+        scale(pieces, by)
         torch._foreach_copy_(slots[rank], pieces)
         self.group.barrier()
         if world == 2:  # a + b == b + a: each rank adds the other's share to its own
