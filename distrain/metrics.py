@@ -76,9 +76,15 @@ class Window:
         return (means * torch.tensor([n for _, n in self.losses], dtype=torch.float64)).sum().item()
 
 
+def typical(busy: list[float]) -> float:
+    """The lower median: with two ranks the faster one's time (the upper median would be the
+    slower rank's own, and no rank could ever exceed a multiple of it)."""
+    return sorted(busy)[(len(busy) - 1) // 2]
+
+
 def stragglers(busy: list[float], factor: float) -> list[int]:
-    """Ranks whose own work per step (data wait + forward) exceeds `factor` x the median."""
+    """Ranks whose own work per step (data wait + forward) exceeds `factor` x the lower median."""
     if factor <= 0 or len(busy) < 2:
         return []
-    median = sorted(busy)[len(busy) // 2]
+    median = typical(busy)
     return [r for r, t in enumerate(busy) if median > 0 and t > factor * median]

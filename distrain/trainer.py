@@ -15,7 +15,7 @@ from .config import Config
 from .data.loader import StepLoader
 from .data.sampler import ResumableSampler
 from .evaluate import evaluate
-from .metrics import Window, flops_per_sample, peak_flops, peak_memory_mb, stragglers
+from .metrics import Window, flops_per_sample, peak_flops, peak_memory_mb, stragglers, typical
 from .optim import lr_at, set_lr
 from .progress import Progress
 from .tasks import mean_loss
@@ -179,11 +179,14 @@ class Trainer:
             record["tokens_per_s"] = samples_per_s * self.meta["seq_len"]
         if self.flops_per_sample and self.peak_flops:
             record["mfu"] = samples_per_s * self.flops_per_sample / (self.peak_flops * self.world_size)
+        if len(busy) > 1:  # every rank waits for the slowest at each step's all-reduce
+            slowest = max(range(len(busy)), key=busy.__getitem__)
+            record.update(busy_max_s=busy[slowest], busy_min_s=min(busy), slowest_rank=slowest)
         self.metrics.write(record)
         slow = stragglers(busy, self.cfg.log.straggler_factor)
         if slow and self.rank == 0:
             log.warning("straggler: rank(s) %s spend %s s per step on their own work (data + forward), median %.4f s",
-                        ", ".join(map(str, slow)), ", ".join(f"{busy[r]:.4f}" for r in slow), sorted(busy)[len(busy) // 2])
+                        ", ".join(map(str, slow)), ", ".join(f"{busy[r]:.4f}" for r in slow), typical(busy))
         progress.update(self.step, loss=f"{loss:.4f}")
         if not progress.active:
             log.info("step %d/%d  loss %.4f  lr %.3g  %.0f samples/s", self.step, self.total_steps, loss,

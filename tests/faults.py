@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -85,3 +86,20 @@ def warning_mlp(in_shape, num_classes: int, hidden: list = (32, 32)):
 
     warnings.warn("a library warning", UserWarning)
     return mlp(in_shape, num_classes, hidden)
+
+
+class _Slow(nn.Module):
+    def __init__(self, inner: nn.Module, seconds: float):
+        super().__init__()
+        self.inner, self.seconds = inner, seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)  # stands in for a slower rank's work, not for synchronisation
+        return self.inner(x)
+
+
+def slow_rank1_mlp(in_shape, num_classes: int, hidden: list = (32, 32)):
+    """Rank 1's forward takes 30 ms longer than rank 0's (the launcher's RANK: models are built
+    before the process group exists)."""
+    model = mlp(in_shape, num_classes, hidden)
+    return _Slow(model, 0.03) if os.environ.get("RANK") == "1" else model

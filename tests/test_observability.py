@@ -57,6 +57,27 @@ def test_library_warnings_reach_the_console_once(tmp_path):
         assert "a library warning" in (run / "logs" / f"rank{rank}.log").read_text()
 
 
+def test_a_slow_rank_is_named_and_its_time_recorded(tmp_path):
+    run = tmp_path / "run"
+    proc = run_train([*DIGITS, f"run.dir={run}", "train.max_steps=8", "train.log_every=4", "strategy.name=ddp",
+                      "model.name=tests.faults:slow_rank1_mlp", "log.progress=off"], nproc=2)
+    console = proc.stdout + proc.stderr
+    assert console.count("straggler: rank(s) 1 spend") == 2  # one warning per log line, rank 0's only
+    train = metrics(run, "train")
+    assert [r["step"] for r in train] == [4, 8]
+    for r in train:
+        assert r["slowest_rank"] == 1 and r["busy_max_s"] >= 0.03 and r["busy_min_s"] < 0.015
+
+
+def test_stragglers_against_the_lower_median():
+    from distrain.metrics import stragglers
+
+    assert stragglers([0.001, 0.01], 2.0) == [1]  # two ranks: against the faster one
+    assert stragglers([0.001, 0.0015], 2.0) == []
+    assert stragglers([0.001, 0.001, 0.0011, 0.005], 2.0) == [3]
+    assert stragglers([0.001, 0.01], 0.0) == [] and stragglers([0.01], 2.0) == []
+
+
 def test_plot_two_runs(tmp_path):
     import matplotlib.image
 
