@@ -6,7 +6,9 @@ global batch grows with the world size; efficiency = throughput(N) / (N x throug
 Throughput is distrain's own samples/s over the steady-state log windows (the loop's wall
 time, log lines included; first window dropped), median over rounds, each round a fresh torchrun. The ceiling runs the same
 number of single-process trainings side by side without communicating: what the machine
-allows before any all-reduce. With more ranks than cores (4 on a 2-core machine) the
+allows before any all-reduce. Beside it, how much slower the slowest rank's own work
+(data + forward, the same on every rank) ran than the fastest's: what unequal cores cost a
+job whose ranks wait for each other every step. With more ranks than cores (4 on a 2-core machine) the
 figure measures oversubscription, not the launcher.
 """
 from __future__ import annotations
@@ -47,14 +49,27 @@ def command(model: str, ranks: int, steps: int, per_rank: int, d: str, strategy:
             f"data.global_batch_size={per_rank * ranks}", "log.level=warning"]
 
 
-def window_median(d: Path) -> float:
+def windows(d: Path) -> list[dict]:
+    """The steady-state log windows (the first one, warm-up, dropped)."""
     rows = [json.loads(line) for line in (d / "run" / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median([r["samples_per_s"] for r in rows if r["split"] == "train" and r["step"] % 50 == 0][1:])
+    return [r for r in rows if r["split"] == "train" and r["step"] % 50 == 0][1:]
 
 
-def throughput(model: str, ranks: int, steps: int, per_rank: int) -> float:
+def window_median(d: Path) -> float:
+    return statistics.median([r["samples_per_s"] for r in windows(d)])
+
+
+def spread(d: Path) -> float:
+    """Median over windows of the slowest rank's own time per step (data + forward) over the
+    fastest's: every rank waits for the slowest, so equal work on unequal cores costs this much."""
+    return statistics.median([r["busy_max_s"] / r["busy_min_s"] for r in windows(d)])
+
+
+def throughput(model: str, ranks: int, steps: int, per_rank: int, spreads: list) -> float:
     with tempfile.TemporaryDirectory() as d:
         subprocess.run(command(model, ranks, steps, per_rank, d, "ddp"), check=True, capture_output=True, env=ENV)
+        if ranks > 1:
+            spreads.append(spread(Path(d)))
         return window_median(Path(d))
 
 
@@ -68,9 +83,10 @@ def main() -> None:
     a = p.parse_args()
     results = {n: [] for n in a.ranks}
     ceiling = {n: [] for n in a.ranks if n > 1}
+    spreads = {n: [] for n in a.ranks}
     for _ in range(a.rounds):  # interleaved: 1 2 4 1 2 4 ...
         for n in a.ranks:
-            results[n].append(throughput(a.model, n, a.steps, a.per_rank_batch))
+            results[n].append(throughput(a.model, n, a.steps, a.per_rank_batch, spreads[n]))
             if n > 1:
                 ceiling[n].append(independent(a.model, n, a.steps, a.per_rank_batch))
     base = statistics.median(results[a.ranks[0]]) / a.ranks[0]
@@ -87,7 +103,8 @@ def main() -> None:
         cap = [c / (n * b / one) for c, b in zip(ceiling[n], results[one])]
         print(f"  {n} ranks, paired per round: efficiency {statistics.median(eff):.3f} "
               f"({' '.join(f'{e:.2f}' for e in eff)}), ceiling {statistics.median(cap):.3f} "
-              f"({' '.join(f'{c:.2f}' for c in cap)})")
+              f"({' '.join(f'{c:.2f}' for c in cap)}); slowest rank's data+forward over the fastest's "
+              f"{statistics.median(spreads[n]):.3f} ({' '.join(f'{x:.2f}' for x in spreads[n])})")
 
 if __name__ == "__main__":
     main()
