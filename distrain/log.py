@@ -57,7 +57,8 @@ class _Below(logging.Filter):
         self.level = level
 
     def filter(self, record):
-        return record.levelno < self.level
+        # file_only: a line the console shows another way (the progress bar) but the log keeps
+        return record.levelno < self.level and not getattr(record, "file_only", False)
 
 
 def setup_logging(run_dir: Path, rank: int, world_size: int, level: str = "info") -> logging.Logger:

@@ -80,8 +80,6 @@ def run(cfg, env) -> int:
     metrics = watchdog = preemption = None
     failed = False
     try:
-        if env.is_main:
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log.info("distrain: %s on %d process(es), %s/%s, micro batch %d x %d accumulation, run dir %s",
                  cfg.strategy.name, env.world_size, device, backend if env.distributed else "-", micro,
                  accumulation, run_dir)
@@ -97,7 +95,11 @@ def run(cfg, env) -> int:
         trainer = Trainer(cfg, strategy, train_set, eval_set, meta, micro_batch=micro, device=device,
                           comm_device=comm_device, metrics=metrics, checkpointer=checkpointer, preemption=preemption,
                           watchdog=watchdog, interactive=env.interactive)
-        summary = trainer.fit()
+        def record_config():  # once a resume is accepted: a refused one leaves the run's own config in place
+            if env.is_main:
+                (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+        summary = trainer.fit(on_start=record_config)
         if summary["preempted"]:
             checkpointer.wait_for_deletions()
             log.warning("exiting with code %d: checkpointed after a preemption signal; requeue to resume",

@@ -62,17 +62,20 @@ class Trainer:
         self.sampler.load_state_dict(state["data"])
         self.loader.reset()
 
-    def fit(self) -> dict:
+    def fit(self, on_start=None) -> dict:
+        """Resume if there is something to resume, call `on_start()`, then train to the end."""
         try:
-            return self._fit()
+            return self._fit(on_start)
         finally:
             self.loader.close()
             self.watchdog.phase = "done"
 
-    def _fit(self) -> dict:
+    def _fit(self, on_start) -> dict:
         cfg = self.cfg
         if self.checkpointer is not None:
             self.checkpointer.maybe_resume(self)
+        if on_start is not None:
+            on_start()
         progress = Progress(cfg.log.progress, self.interactive, self.rank == 0, self.total_steps, self.step)
         window, start, first_step = Window(), time.perf_counter(), self.step
         # a window's time is the loop's wall time, its log lines and collections included, less
@@ -188,9 +191,8 @@ class Trainer:
             log.warning("straggler: rank(s) %s spend %s s per step on their own work (data + forward), median %.4f s",
                         ", ".join(map(str, slow)), ", ".join(f"{busy[r]:.4f}" for r in slow), typical(busy))
         progress.update(self.step, loss=f"{loss:.4f}")
-        if not progress.active:
-            log.info("step %d/%d  loss %.4f  lr %.3g  %.0f samples/s", self.step, self.total_steps, loss,
-                     record["lr"], samples_per_s)
+        log.info("step %d/%d  loss %.4f  lr %.3g  %.0f samples/s", self.step, self.total_steps, loss,
+                 record["lr"], samples_per_s, extra={"file_only": progress.active})
 
     def run_eval(self) -> dict:
         self.watchdog.phase = "eval"

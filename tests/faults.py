@@ -80,12 +80,28 @@ def indexed_digits(n_train: int = 384):
     return TensorDataset(x, y), evaluation, meta
 
 
+class _RankWarning(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.warned = inner, False
+
+    def forward(self, x):
+        if not self.warned:
+            import logging
+
+            logging.getLogger("distrain").warning("a warning of rank 1's own")
+            self.warned = True
+        return self.inner(x)
+
+
 def warning_mlp(in_shape, num_classes: int, hidden: list = (32, 32)):
-    """Warns like a library would, on every rank."""
+    """Warns like a library would, on every rank; rank 1 also logs a warning of its own at its
+    first forward (the launcher's RANK: models are built before the process group exists)."""
     import warnings
 
     warnings.warn("a library warning", UserWarning)
-    return mlp(in_shape, num_classes, hidden)
+    model = mlp(in_shape, num_classes, hidden)
+    return _RankWarning(model) if os.environ.get("RANK") == "1" else model
 
 
 class _Slow(nn.Module):

@@ -108,9 +108,11 @@ def test_optimization_changes_are_refused_on_resume(tmp_path, capsys):
     run = tmp_path / "run"
     assert train(run, "train.max_steps=5") == 0
     capsys.readouterr()
+    saved = (run / "config.yaml").read_text()
     assert train(run, "train.max_steps=8", "optim.lr=0.1", "data.global_batch_size=32") == 2
     err = capsys.readouterr().err
     assert "'optim.lr'" in err and "data.global_batch_size" in err and "allow_config_change" in err
+    assert (run / "config.yaml").read_text() == saved  # the refused config did not replace the run's own
     # the micro batch (and the world size) may change freely; the override key accepts the rest
     assert train(run, "train.max_steps=8", "data.micro_batch_size=16") == 0
     assert train(run, "train.max_steps=10", "optim.lr=0.1", "checkpoint.allow_config_change=true") == 0

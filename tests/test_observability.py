@@ -55,6 +55,17 @@ def test_library_warnings_reach_the_console_once(tmp_path):
     assert console.count("UserWarning: a library warning") == 1
     for rank in (0, 1):
         assert "a library warning" in (run / "logs" / f"rank{rank}.log").read_text()
+    # a rank's own warnings reach the console from every rank, named
+    assert proc.stderr.count("[rank1] WARNING a warning of rank 1's own") == 1
+    assert "a warning of rank 1's own" in (run / "logs" / "rank1.log").read_text()
+
+
+def test_the_progress_bar_replaces_step_lines_on_the_console_not_in_the_log(tmp_path):
+    run = tmp_path / "run"
+    proc = run_train([*DIGITS, f"run.dir={run}", "train.max_steps=8", "train.log_every=4", "strategy.name=single",
+                      "train.eval_every=0", "log.progress=on"])
+    assert "step 4/8" not in proc.stdout and "8/8" in proc.stderr  # the bar, not the line
+    assert "step 4/8" in (run / "logs" / "rank0.log").read_text()
 
 
 def test_a_slow_rank_is_named_and_its_time_recorded(tmp_path):
