@@ -22,9 +22,10 @@ def _rank() -> int:
 
 class KillSwitch(nn.Module):
     def __init__(self, net, kill_at, kill_eval_at, kill_on_save_after, marker, record, hang_at=-1, hang_rank=0,
-                 kill_rank=-1):
+                 kill_rank=-1, kill_signal="SIGKILL"):
         super().__init__()
         self.hang_at, self.hang_rank, self.kill_rank = hang_at, hang_rank, kill_rank
+        self.kill_signal = getattr(signal, kill_signal)
         self.net = net
         self.kill_at, self.kill_eval_at, self.kill_on_save_after = kill_at, kill_eval_at, kill_on_save_after
         self.marker, self.record = marker, record
@@ -38,7 +39,7 @@ class KillSwitch(nn.Module):
         if not self.marker or list(marker.parent.glob(f"{marker.name.rsplit('.', 1)[0]}.rank*")):
             return
         marker.write_text("killed")
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), self.kill_signal)
 
     def forward(self, x):
         if self.training:
@@ -64,9 +65,10 @@ class KillSwitch(nn.Module):
 
 def killable_mlp(in_shape, num_classes: int, hidden: list = (32, 32), kill_at: int = -1, kill_eval_at: int = -1,
                  kill_on_save_after: int = -1, marker: str = "", record: str = "", hang_at: int = -1, hang_rank: int = 0,
-                 kill_rank: int = -1):
+                 kill_rank: int = -1, kill_signal: str = "SIGKILL"):
+    """kill_signal: SIGKILL dies; a preemption signal (SIGTERM, SIGUSR1) asks for a checkpoint and an exit."""
     return KillSwitch(mlp(in_shape, num_classes, hidden), kill_at, kill_eval_at, kill_on_save_after, marker, record,
-                      hang_at, hang_rank, kill_rank)
+                      hang_at, hang_rank, kill_rank, kill_signal)
 
 
 def indexed_digits(n_train: int = 384):

@@ -22,6 +22,11 @@ def test_exploding_lr_stop_mode_fails_without_nan_checkpoints(strategy, nproc, t
     run = tmp_path / "run"
     proc = run_train([*explode(run, strategy), "train.on_nonfinite=stop"], nproc=nproc, check=False)
     assert proc.returncode != 0 and "non-finite loss or gradient norm at step" in proc.stderr
+    if nproc == 0:  # the contract for a failure: exit 1, one line on stderr, the traceback in the rank's log
+        assert proc.returncode == 1
+        assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+            next(line for line in proc.stderr.splitlines() if "training failed on rank 0" in line)]
+        assert "Traceback (most recent call last)" in (run / "logs" / "rank0.log").read_text()
     assert_no_nan_checkpoint(run)
 
 

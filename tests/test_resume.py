@@ -1,4 +1,5 @@
-"""Exact resume after SIGKILL, for every checkpoint format, wherever the kill lands."""
+"""Exact resume after SIGKILL, for every checkpoint format, wherever the kill lands; and after a
+preemption signal, which checkpoints and exits with code 3."""
 import pytest
 
 from conftest import CONFIGS, final_weights, run_train
@@ -75,6 +76,29 @@ def test_sigkill_then_same_command_is_bitwise_exact(name, where, kill, reference
     assert "resumed from" in second.stdout + second.stderr
     ours, ref = final_weights(run), references(name)
     assert all(ours[k].equal(ref[k]) for k in ref), f"{name}/{where}: weights differ from the uninterrupted run"
+
+
+@pytest.mark.parametrize("name, signal_name, rank", [("single", "SIGTERM", -1), ("ddp", "SIGUSR1", 1)])
+def test_a_preemption_signal_checkpoints_exits_3_and_resumes_exactly(name, signal_name, rank, references, tmp_path):
+    nproc, strategy = STRATEGIES[name]
+    run = tmp_path / "run"
+    # mid-accumulation in step 14; under ddp only rank 1 is signalled and both must stop at the same step
+    args = args_for(run, strategy, marker=tmp_path / "signalled", kill_at=13 * accumulation(name) + 1,
+                    kill_signal=signal_name, kill_rank=rank)
+    first = run_train(args, nproc=nproc, check=False)
+    if nproc == 0:
+        assert first.returncode == 3, first.stderr[-2000:]
+    else:  # torchrun reports its workers' non-zero exit as its own failure
+        assert first.returncode != 0
+    # the signalled step's end, or under ddp the next one (the ranks learn of another's flag at a barrier)
+    step = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert step == 14 if nproc == 0 else step in (14, 15)
+    for r in range(max(nproc, 1)):
+        assert f"preemption signal: checkpointing at step {step}" in (run / "logs" / f"rank{r}.log").read_text()
+    second = run_train(args, nproc=nproc)
+    assert "resumed from" in second.stdout + second.stderr
+    ours, ref = final_weights(run), references(name)
+    assert all(ours[k].equal(ref[k]) for k in ref), f"{name}: weights differ from the uninterrupted run"
 
 
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(references, tmp_path):
