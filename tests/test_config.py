@@ -3,11 +3,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import CONFIGS, ROOT, clean_env, train_inprocess
 from distrain.config import ConfigError, batch_layout, load_config
 
 DEMO = str(CONFIGS / "digits_mlp.yaml")
+NEEDS_NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the mistake is asking for a GPU that is not there")
 
 
 @pytest.mark.parametrize("overrides, key, words", [
@@ -32,6 +34,14 @@ DEMO = str(CONFIGS / "digits_mlp.yaml")
     (["data.name=mnist", "data.root=/nonexistent"], "data.download", "data.download=true"),
     (["checkpoint.async_save=true"], "checkpoint.async_save", "fsdp"),
     (["nokey"], "", "section.key=value"),
+    (["optim.betas=[0.9]"], "optim.betas", "two numbers in [0, 1)"),
+    (["optim.nesterov=true"], "optim.nesterov", "optim.name=sgd"),
+    (["checkpoint.preempt_signals=[SIGFOO]"], "checkpoint.preempt_signals", "unknown signal 'SIGFOO'"),
+    (["strategy.zero_stage=4"], "strategy.zero_stage", "must be 0, 1, 2 or 3"),
+    (["strategy.offload=optimizer"], "strategy.offload", "needs strategy.name=deepspeed"),
+    (["strategy.name=deepspeed", "strategy.offload=optimizer+params"], "strategy.offload", "zero_stage=3"),
+    pytest.param(["strategy.backend=nccl"], "strategy.backend", "nccl needs CUDA", marks=NEEDS_NO_GPU),
+    pytest.param(["train.device=cuda"], "train.device", "no CUDA device", marks=NEEDS_NO_GPU),
 ])
 def test_config_errors_exit_2_with_one_line(overrides, key, words, tmp_path, capsys):
     code = train_inprocess(["--config", DEMO, f"run.dir={tmp_path}", *overrides])
