@@ -113,6 +113,8 @@ def test_optimization_changes_are_refused_on_resume(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'optim.lr'" in err and "data.global_batch_size" in err and "allow_config_change" in err
     assert (run / "config.yaml").read_text() == saved  # the refused config did not replace the run's own
+    assert train(run, "train.max_steps=8", "model.hidden=[16,16]") == 2  # another model is not this run's
+    assert "'model.hidden'" in capsys.readouterr().err
     # the micro batch (and the world size) may change freely; the override key accepts the rest
     assert train(run, "train.max_steps=8", "data.micro_batch_size=16") == 0
     assert train(run, "train.max_steps=10", "optim.lr=0.1", "checkpoint.allow_config_change=true") == 0
