@@ -60,12 +60,16 @@ def test_library_warnings_reach_the_console_once(tmp_path):
     assert "a warning of rank 1's own" in (run / "logs" / "rank1.log").read_text()
 
 
-def test_the_progress_bar_replaces_step_lines_on_the_console_not_in_the_log(tmp_path):
+def test_the_progress_bar_and_log_level_quiet_the_console_not_the_log(tmp_path):
     run = tmp_path / "run"
     proc = run_train([*DIGITS, f"run.dir={run}", "train.max_steps=8", "train.log_every=4", "strategy.name=single",
                       "train.eval_every=0", "log.progress=on"])
     assert "step 4/8" not in proc.stdout and "8/8" in proc.stderr  # the bar, not the line
     assert "step 4/8" in (run / "logs" / "rank0.log").read_text()
+    quiet = tmp_path / "quiet"  # log.level sets the console's level; the file keeps everything
+    proc = run_train([*DIGITS, f"run.dir={quiet}", "train.max_steps=8", "train.log_every=4", "strategy.name=single",
+                      "train.eval_every=0", "log.progress=off", "log.level=warning"])
+    assert proc.stdout == "" and "step 4/8" in (quiet / "logs" / "rank0.log").read_text()
 
 
 def test_a_slow_rank_is_named_and_its_time_recorded(tmp_path):
