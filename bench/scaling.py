@@ -4,12 +4,13 @@ global batch grows with the world size; efficiency = throughput(N) / (N x throug
     python bench/scaling.py [--model mlp|convnet] [--steps 400] [--ranks 1 2 4] [--rounds 3]
 
 Throughput is distrain's own samples/s over the steady-state log windows (the loop's wall
-time, log lines included; first window dropped), median over rounds, each round a fresh torchrun. The ceiling runs the same
-number of single-process trainings side by side without communicating: what the machine
-allows before any all-reduce. Beside it, how much slower the slowest rank's own work
-(data + forward, the same on every rank) ran than the fastest's: what unequal cores cost a
-job whose ranks wait for each other every step. With more ranks than cores (4 on a 2-core machine) the
-figure measures oversubscription, not the launcher.
+time, log lines included; first window dropped), median over rounds, each round a fresh
+torchrun. The ceiling runs the same number of single-process trainings side by side without
+communicating: what the machine allows before any all-reduce. Beside it, how much slower
+the slowest rank's own work (data + forward, the same on every rank) ran than the
+fastest's: what unequal cores cost a job whose ranks wait for each other every step. With
+more ranks than cores (4 on a 2-core machine) the figure measures oversubscription, not
+the launcher.
 """
 from __future__ import annotations
 
@@ -65,12 +66,11 @@ def spread(d: Path) -> float:
     return statistics.median([r["busy_max_s"] / r["busy_min_s"] for r in windows(d)])
 
 
-def throughput(model: str, ranks: int, steps: int, per_rank: int, spreads: list) -> float:
+def throughput(model: str, ranks: int, steps: int, per_rank: int) -> tuple[float, float | None]:
+    """(samples/s, the ranks' spread; None on one rank)."""
     with tempfile.TemporaryDirectory() as d:
         subprocess.run(command(model, ranks, steps, per_rank, d, "ddp"), check=True, capture_output=True, env=ENV)
-        if ranks > 1:
-            spreads.append(spread(Path(d)))
-        return window_median(Path(d))
+        return window_median(Path(d)), spread(Path(d)) if ranks > 1 else None
 
 
 def main() -> None:
@@ -86,7 +86,9 @@ def main() -> None:
     spreads = {n: [] for n in a.ranks}
     for _ in range(a.rounds):  # interleaved: 1 2 4 1 2 4 ...
         for n in a.ranks:
-            results[n].append(throughput(a.model, n, a.steps, a.per_rank_batch, spreads[n]))
+            samples_per_s, ranks_spread = throughput(a.model, n, a.steps, a.per_rank_batch)
+            results[n].append(samples_per_s)
+            spreads[n].append(ranks_spread)
             if n > 1:
                 ceiling[n].append(independent(a.model, n, a.steps, a.per_rank_batch))
     base = statistics.median(results[a.ranks[0]]) / a.ranks[0]

@@ -82,42 +82,41 @@ def indexed_digits(n_train: int = 384):
     return TensorDataset(x, y), evaluation, meta
 
 
-class _RankWarning(nn.Module):
-    def __init__(self, inner: nn.Module):
+class _BeforeForward(nn.Module):
+    """Runs `action(forward_index)` before each forward of the wrapped model."""
+
+    def __init__(self, inner: nn.Module, action):
         super().__init__()
-        self.inner, self.warned = inner, False
+        self.inner, self.action, self.forwards = inner, action, 0
 
     def forward(self, x):
-        if not self.warned:
-            import logging
-
-            logging.getLogger("distrain").warning("a warning of rank 1's own")
-            self.warned = True
+        self.action(self.forwards)
+        self.forwards += 1
         return self.inner(x)
+
+
+def _on_rank1(model: nn.Module, action) -> nn.Module:
+    # the launcher's RANK: models are built before the process group exists
+    return _BeforeForward(model, action) if os.environ.get("RANK") == "1" else model
+
+
+def _warn_once(index: int) -> None:
+    if index == 0:
+        import logging
+
+        logging.getLogger("distrain").warning("a warning of rank 1's own")
 
 
 def warning_mlp(in_shape, num_classes: int, hidden: list = (32, 32)):
     """Warns like a library would, on every rank; rank 1 also logs a warning of its own at its
-    first forward (the launcher's RANK: models are built before the process group exists)."""
+    first forward."""
     import warnings
 
     warnings.warn("a library warning", UserWarning)
-    model = mlp(in_shape, num_classes, hidden)
-    return _RankWarning(model) if os.environ.get("RANK") == "1" else model
-
-
-class _Slow(nn.Module):
-    def __init__(self, inner: nn.Module, seconds: float):
-        super().__init__()
-        self.inner, self.seconds = inner, seconds
-
-    def forward(self, x):
-        time.sleep(self.seconds)  # stands in for a slower rank's work, not for synchronisation
-        return self.inner(x)
+    return _on_rank1(mlp(in_shape, num_classes, hidden), _warn_once)
 
 
 def slow_rank1_mlp(in_shape, num_classes: int, hidden: list = (32, 32)):
-    """Rank 1's forward takes 30 ms longer than rank 0's (the launcher's RANK: models are built
-    before the process group exists)."""
-    model = mlp(in_shape, num_classes, hidden)
-    return _Slow(model, 0.03) if os.environ.get("RANK") == "1" else model
+    """Rank 1's forward takes 30 ms longer than rank 0's."""
+    # the sleep stands in for a slower rank's work, not for synchronisation
+    return _on_rank1(mlp(in_shape, num_classes, hidden), lambda index: time.sleep(0.03))
