@@ -58,19 +58,22 @@ def harness(d: str, model, make_optimizer):
     """distrain's checkpointer around `model`, as the trainer drives it (a single process)."""
     from distrain.checkpoint import Checkpointer
     from distrain.cluster import ClusterEnv
-    from distrain.config import load_config
-    from distrain.strategies import StrategyContext, build_strategy
+    from distrain.config import load_config, to_dict
+    from distrain.dist import Collectives
+    from distrain.strategies import StrategyContext, spec
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(str(root / "configs" / "digits_mlp.yaml"), [f"run.dir={d}/run", "strategy.name=single",
                                                                    "checkpoint.keep_last=1"])
     env = ClusterEnv()
-    strategy = build_strategy(StrategyContext(cfg, env, torch.device("cpu"), "gloo", 64, 1))
+    comm = Collectives(torch.device("cpu"))
+    strategy = spec("single").build(StrategyContext(cfg.strategy, env, torch.device("cpu"), "gloo", comm, 64, 1, 64))
     strategy.setup(model, lambda params, fused=False: make_optimizer(model))
-    trainer = SimpleNamespace(strategy=strategy, comm_device=torch.device("cpu"), step=0,
-                              state_dict=lambda: {"step": trainer.step, "data": {"epoch": 0, "position": 0}},
-                              load_state_dict=lambda s: None, sampler=SimpleNamespace(epoch=0, position=0))
-    return strategy, trainer, Checkpointer(cfg, env)
+    trainer = SimpleNamespace(step=0, state_dict=lambda: {"step": trainer.step, "data": {"epoch": 0, "position": 0}},
+                              load_state_dict=lambda s: None)
+    ckpt = Checkpointer(cfg.checkpoint, cfg.run_dir, env, "full", to_dict(cfg))
+    ckpt.track(comm, strategy, trainer=trainer)
+    return strategy, trainer, ckpt
 
 
 def loaders(d: str, model, optimizer, ckpt, trainer) -> dict:
@@ -80,7 +83,7 @@ def loaders(d: str, model, optimizer, ckpt, trainer) -> dict:
     raw, raw2, path = Path(d) / "raw.pt", Path(d) / "rawb.pt", Path(ckpt.latest_path())
     return {"raw load": lambda: torch.load(raw, weights_only=True),
             "raw load+apply": lambda: apply(torch.load(raw2, weights_only=True)),
-            "distrain load": lambda: ckpt._try_load(path, trainer)}
+            "distrain load": lambda: ckpt._try_load(path)}
 
 
 def child_load(d: str, mb: int, name: str) -> None:
@@ -103,7 +106,7 @@ def single_process(mb: int, rounds: int) -> None:
         for r in range(rounds):
             trainer.step = r + 1
             timed = {"raw save+fsync": lambda: (torch.save(state, raw2), fsync(raw2)),
-                     "distrain save": lambda: ckpt.save(trainer)}
+                     "distrain save": lambda: ckpt.save(trainer.step)}
             # AB, BA, ...: each goes first as often (on a virtual disk, writes right after a
             # flush are slower), and none pays for the writeback of another's dirty pages
             for name in (list(timed) if r % 2 == 0 else list(timed)[::-1]):

@@ -1,4 +1,6 @@
-"""Safe file reading: checkpoints hold only tensors and plain containers and primitives.
+"""Checkpoint files on disk: safe reading, integrity checks (manifest, CRC) and durable writes.
+
+Checkpoints hold only tensors and plain containers and primitives.
 
 distrain loads its own files with torch's weights-only unpickler. The files DeepSpeed reads
 itself are vetted before it loads them: the globals their pickles would import are listed
@@ -7,7 +9,9 @@ DeepSpeed value classes) is refused.
 """
 from __future__ import annotations
 
+import json
 import mmap
+import os
 import pickle
 import struct
 import zipfile
@@ -100,3 +104,52 @@ def _unsafe(path, detail) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
         f"{path} needs arbitrary unpickling, which distrain refuses (only tensors and plain containers are "
         f"loaded; {detail}); re-save it as a plain state_dict")
+
+
+def write_manifest(path: Path) -> None:
+    files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))
+             if p.is_file() and p.name != "manifest.json"}
+    (path / "manifest.json").write_text(json.dumps(files, indent=0))
+
+
+def check_manifest(path: Path) -> str | None:
+    """A cheap integrity check: every file written at commit time is there with its size."""
+    try:
+        files = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"no readable manifest ({e})"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_tree(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

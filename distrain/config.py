@@ -283,10 +283,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError("checkpoint.preempt_signals", f"unknown signal {name!r} (e.g. SIGUSR1, SIGTERM)")
     if cfg.strategy.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("strategy.zero_stage", f"must be 0, 1, 2 or 3 (got {cfg.strategy.zero_stage})")
-    if cfg.strategy.offload != "none" and cfg.strategy.name != "deepspeed":
-        raise ConfigError("strategy.offload", "CPU offload needs strategy.name=deepspeed")
-    if cfg.strategy.offload == "optimizer+params" and cfg.strategy.zero_stage != 3:
-        raise ConfigError("strategy.offload", "offloading params needs strategy.zero_stage=3")
 
 
 def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from .tasks import correct, per_sample_loss
 
 
 @torch.no_grad()
-def evaluate(strategy, dataset, task: str, batch_size: int, device: torch.device, comm_device: torch.device) -> dict:
+def evaluate(strategy, dataset, task: str, batch_size: int, device: torch.device, comm) -> dict:
     """Per-batch sums on a fixed batch grid, gathered and added in batch order: the result is
     the same, bit for bit, on 1 or N ranks. Ranks with fewer batches run stand-ins that count for nothing."""
     n = len(dataset)
@@ -19,7 +19,7 @@ def evaluate(strategy, dataset, task: str, batch_size: int, device: torch.device
     model = strategy.model
     was_training = model.training
     model.eval()
-    with strategy.autocast():
+    with strategy.micro_step(sync=True):
         for b, idx in mine:
             x, y = _fetch(dataset, idx if len(idx) else range(1), device)
             out = model(x)
@@ -29,7 +29,7 @@ def evaluate(strategy, dataset, task: str, batch_size: int, device: torch.device
                 rows[b, 1] = float(hits) if hits is not None else 0.0
                 rows[b, 2] = len(idx)
     model.train(was_training)
-    rows = dist.all_reduce_sum(rows.to(comm_device)).cpu()
+    rows = comm.all_reduce_sum(rows.to(comm.device)).cpu()
     loss_sum, hits, count = rows.sum(0).tolist()
     result = {"loss": loss_sum / count, "samples": int(count)}
     if task in ("classification", "lm"):

@@ -52,7 +52,7 @@ class Window:
         self.data_wait += data_wait
         self.busy += busy
 
-    def reduce(self, comm_device) -> tuple[float, list[float]]:
+    def reduce(self, comm) -> tuple[float, list[float]]:
         """(global mean loss, per-rank busy seconds per step), in one all-reduce (none on one process)."""
         w, r = dist.world_size(), dist.rank()
         busy, total = self.busy / max(self.steps, 1), self.loss_sum()
@@ -60,7 +60,7 @@ class Window:
         if w > 1:
             buf = torch.zeros(1 + w, dtype=torch.float64)
             buf[0], buf[1 + r] = total, busy
-            buf = dist.all_reduce_sum(buf.to(comm_device)).cpu()
+            buf = comm.all_reduce_sum(buf.to(comm.device)).cpu()
             total, per_rank = buf[0].item(), buf[1:].tolist()
         loss = total / max(self.samples, 1)
         return (loss if math.isfinite(loss) else float("nan")), per_rank

@@ -154,6 +154,38 @@ class HostGroup:
     def published(self) -> list[int]:
         return [int(v) for v in self.flags[:, _PUBLISHED]]
 
+    def stop_agreement(self) -> StopAgreement:
+        return StopAgreement(self)
+
+
+class StopAgreement:
+    """Agreement on a stop request at step boundaries, riding on the barriers the step already runs.
+
+    A rank that saw the request publishes the number of the host barrier after which every rank
+    can see it (its next), and all stop at the first boundary by which they have passed that
+    barrier. The barrier is usually the gradient average's, inside the step; only when no barrier
+    has run since the last boundary does this add its own. Every rank has passed the same barriers
+    at the same boundary, and a value published later names a later barrier, so a faster rank cannot
+    make two ranks disagree. (gloo's all-reduce, even overlapped, took a quarter of a small model's
+    step; a second barrier per step, a tenth.)"""
+
+    def __init__(self, group: HostGroup):
+        self.group = group
+        self._published, self._arrivals = False, 0  # host barriers passed by the last boundary
+
+    def should_stop(self, requested: bool) -> bool:
+        group = self.group
+        if requested and not self._published:
+            group.publish(group.arrivals + 1)
+            self._published = True
+        if group.arrivals == self._arrivals:  # nothing synchronized the ranks since the last boundary
+            group.barrier()
+        self._arrivals = group.arrivals
+        return any(0 < barrier <= self._arrivals for barrier in group.published())
+
+    def drain(self) -> None:
+        pass
+
 
 def _alive(pid: int) -> bool:
     if _PROC:

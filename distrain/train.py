@@ -28,11 +28,13 @@ def parse_args(argv):
 def main(argv=None) -> int:
     from .cluster import detect
     from .config import ConfigError, load_config, to_yaml
+    from .strategies import spec
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     env = detect()
     try:
         cfg = load_config(args.config, args.overrides)
+        spec(cfg.strategy.name).check(cfg)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
@@ -48,31 +50,34 @@ def run(cfg, env) -> int:
 
     from . import dist
     from .checkpoint import Checkpointer
-    from .config import ConfigError, batch_layout, to_yaml
+    from .config import ConfigError, batch_layout, to_dict, to_yaml
     from .data import build_datasets
     from .log import MetricsWriter, close_logging, log_file_stream, setup_logging
     from .models import build_model
     from .optim import build_optimizer
     from .preempt import Preemption
-    from .strategies import StrategyContext, build_strategy
-    from .trainer import Trainer
+    from .strategies import StrategyContext, spec
+    from .trainer import Data, Parts, Trainer
     from .watchdog import Watchdog
 
+    strategy_spec = spec(cfg.strategy.name)
+    strategy_spec.check(cfg, env.world_size)
     micro, accumulation = batch_layout(cfg, env.world_size)
-    device = dist.choose_device(env, cfg.train.device, cfg.strategy.name)
-    backend = dist.choose_backend(cfg.strategy.backend, cfg.strategy.name, device.type == "cuda")
-    _check_hardware(cfg, env, device, backend)
+    device = dist.choose_device(env, cfg.train.device, strategy_spec.first_gpu)
+    backend = dist.choose_backend(cfg.strategy.backend, device.type == "cuda", collective=strategy_spec.needs_group)
+    _check_hardware(cfg, device, backend)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     with warnings.catch_warnings(record=True) as early_warnings:  # shown once logging knows the rank
         warnings.simplefilter("default")
         train_set, eval_set, meta = build_datasets(cfg.data)
         module = build_model(cfg.model, {k: v for k, v in meta.items() if k != "task"},
                              cfg.train.activation_checkpointing)
-    checkpointer = Checkpointer(cfg, env)
+    checkpointer = Checkpointer(cfg.checkpoint, cfg.run_dir, env, strategy_spec.checkpoint_format, to_dict(cfg))
     checkpointer.check_run_dir()  # before any process waits on another: a refusal is a config error
 
-    dist.init(env, backend, device, cfg.strategy.timeout_s, needs_group=cfg.strategy.name in ("ddp", "fsdp", "deepspeed"),
-              shared_memory=cfg.strategy.shared_memory)
+    dist.init(env, backend, device, cfg.strategy.timeout_s, needs_group=strategy_spec.needs_group)
+    comm = dist.Collectives(device if backend == "nccl" else torch.device("cpu"),
+                            host=_host_group(cfg, device) if dist.active() else None)
     run_dir = cfg.run_dir
     log = setup_logging(run_dir, env.rank, env.world_size, cfg.log.level)
     for w in early_warnings:
@@ -80,21 +85,23 @@ def run(cfg, env) -> int:
     metrics = watchdog = preemption = None
     failed = False
     try:
-        log.info("distrain: %s on %d process(es), %s/%s, micro batch %d x %d accumulation, run dir %s",
-                 cfg.strategy.name, env.world_size, device, backend if env.distributed else "-", micro,
+        log.info("distrain: %s on %d process(es) (%s), %s/%s, micro batch %d x %d accumulation, run dir %s",
+                 cfg.strategy.name, env.world_size, env.platform, device, backend if env.distributed else "-", micro,
                  accumulation, run_dir)
         _seed_everything(cfg.run.seed + env.rank)
-        ctx = StrategyContext(cfg, env, device, backend, micro, accumulation)
-        strategy = build_strategy(ctx)
+        ctx = StrategyContext(cfg.strategy, env, device, backend, comm, micro, accumulation,
+                              cfg.data.global_batch_size, cfg.train.precision, cfg.train.compile,
+                              cfg.train.grad_clip, cfg.checkpoint.async_save)
+        strategy = strategy_spec.build(ctx)
         strategy.setup(module, lambda params, fused=False: build_optimizer(cfg.optim, params, fused))
-        comm_device = device if backend == "nccl" else torch.device("cpu")
         metrics = MetricsWriter(run_dir, env.is_main, cfg.log.tensorboard)
-        preemption = Preemption(cfg.checkpoint.preempt_signals, comm_device)
+        preemption = Preemption(cfg.checkpoint.preempt_signals, comm.stop_agreement())
         watchdog = Watchdog(cfg.log.watchdog_s, env.rank, env.world_size, dist.default_store(), log_file_stream()) \
             if cfg.log.watchdog_s else None
-        trainer = Trainer(cfg, strategy, train_set, eval_set, meta, micro_batch=micro, device=device,
-                          comm_device=comm_device, metrics=metrics, checkpointer=checkpointer, preemption=preemption,
-                          watchdog=watchdog, interactive=env.interactive)
+        trainer = Trainer(cfg, strategy, Data(train_set, eval_set, meta, micro, device),
+                          Parts(comm, checkpointer, metrics, preemption, watchdog), interactive=env.interactive)
+        checkpointer.track(comm, strategy, trainer=trainer)
+
         def record_config():  # once a resume is accepted: a refused one leaves the run's own config in place
             if env.is_main:
                 (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -105,7 +112,7 @@ def run(cfg, env) -> int:
             log.warning("exiting with code %d: checkpointed after a preemption signal; requeue to resume",
                         PREEMPTED_EXIT_CODE)
             return PREEMPTED_EXIT_CODE
-        checkpointer.export_final(strategy)
+        checkpointer.export_final(strategy.full_state())  # collective
         _log_summary(log, summary, run_dir)
         return 0
     except ConfigError:
@@ -130,6 +137,18 @@ def run(cfg, env) -> int:
         close_logging()
 
 
+def _host_group(cfg, device):
+    """The shared-memory group of CPU ranks that all share this machine (strategy.shared_memory), or None."""
+    import torch.distributed as tdist
+
+    if not (cfg.strategy.shared_memory and device.type == "cpu" and tdist.get_backend() == "gloo"
+            and tdist.get_world_size() > 1):
+        return None
+    from .shm import HostGroup
+
+    return HostGroup.create(cfg.strategy.timeout_s)
+
+
 def _log_summary(log, s: dict, run_dir) -> None:
     best = s["best_eval"] or {}
     metric = "accuracy" if "accuracy" in best else "loss"
@@ -139,18 +158,13 @@ def _log_summary(log, s: dict, run_dir) -> None:
              run_dir / "final" / "model.pt")
 
 
-def _check_hardware(cfg, env, device, backend) -> None:
+def _check_hardware(cfg, device, backend) -> None:
     import torch
 
     from .config import ConfigError
 
     if cfg.train.precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision", "fp16 needs a CUDA device; use bf16 on CPU")
-    if cfg.train.precision == "fp16" and cfg.strategy.name == "fsdp":
-        raise ConfigError("train.precision", "fp16 is not supported with fsdp; use bf16")
-    if cfg.strategy.name in ("single", "dp") and env.world_size > 1:
-        raise ConfigError("strategy.name", f"{cfg.strategy.name} runs one process but {env.world_size} were "
-                                           "launched; use ddp, fsdp or deepspeed")
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError("strategy.backend", "nccl needs CUDA devices; use gloo or auto")
     if cfg.train.device == "cuda" and not torch.cuda.is_available():

@@ -7,11 +7,12 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
 from . import collector, dist
-from .config import Config
+from .checkpoint import weights_finite
 from .data.loader import StepLoader
 from .data.sampler import ResumableSampler
 from .evaluate import evaluate
@@ -28,30 +29,71 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+@dataclass
+class Data:
+    train: object
+    eval: object
+    meta: dict
+    micro_batch: int
+    device: torch.device  # where batches go
+
+
+@dataclass
+class Parts:
+    """What the loop reports to and is stopped by; each one always present (stand-ins where off)."""
+    comm: dist.Collectives
+    checkpointer: object  # checkpoint.Checkpointer
+    metrics: object  # log.MetricsWriter
+    preemption: object  # preempt.Preemption
+    watchdog: object = None
+
+
+class Phases:
+    """Where a step is (for the watchdog) and how long its own work took (for stragglers)."""
+
+    def __init__(self, watchdog):
+        self.watchdog = watchdog
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self.watchdog.phase = name
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def take(self, *names: str) -> float:
+        """The seconds spent in these phases since the last take (and forget all)."""
+        total = sum(self.seconds.get(n, 0.0) for n in names)
+        self.seconds.clear()
+        return total
+
+
 class Trainer:
-    def __init__(self, cfg: Config, strategy, train_set, eval_set, meta: dict, *, micro_batch: int,
-                 device: torch.device, comm_device: torch.device, metrics, checkpointer=None, preemption=None,
-                 watchdog=None, interactive: bool = False):
-        self.cfg, self.strategy, self.meta = cfg, strategy, meta
-        self.eval_set, self.device, self.comm_device = eval_set, device, comm_device
-        self.metrics, self.checkpointer, self.preemption = metrics, checkpointer, preemption
-        self.watchdog = watchdog or NoWatchdog()
+    def __init__(self, cfg, strategy, data: Data, parts: Parts, interactive: bool = False):
+        self.cfg, self.strategy, self.meta, self.eval_set = cfg, strategy, data.meta, data.eval
+        self.comm, self.checkpointer, self.metrics = parts.comm, parts.checkpointer, parts.metrics
+        self.preemption, self.watchdog = parts.preemption, parts.watchdog or NoWatchdog()
+        self.phases = Phases(self.watchdog)
         self.interactive = interactive
+        self.device = data.device
         self.world_size, self.rank = dist.world_size(), dist.rank()
-        self.sampler = ResumableSampler(len(train_set), cfg.data.global_batch_size, micro_batch,
+        self.sampler = ResumableSampler(len(data.train), cfg.data.global_batch_size, data.micro_batch,
                                         self.world_size, self.rank, cfg.run.seed)
-        self.loader = StepLoader(train_set, self.sampler, device, cfg.data.num_workers, cfg.run.seed, self.rank)
+        self.loader = StepLoader(data.train, self.sampler, self.device, cfg.data.num_workers, cfg.run.seed, self.rank)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.steps_per_epoch
         self.step = 0
         self.skipped_steps = 0
-        self.unread_flags: list = []  # (step, device flag) of updates a GPU may have skipped, not yet read
+        self.norms: list = []  # (step, 0-dim norm tensor) not yet read: read at log lines, checkpoints, the end
         self.last_eval: dict | None = None
         self.best_eval: dict | None = None
         # compiled with the model: the loss over a large vocabulary is a fused pass, not three kernels
         self.loss = torch.compile(mean_loss) if cfg.train.compile else mean_loss
-        self.flops_per_sample = flops_per_sample(strategy.module, meta)
-        self.loss_on_host = device.type == "cpu"  # reading a CPU loss waits for nothing
-        self.peak_flops = peak_flops(device)
+        self.flops_per_sample = flops_per_sample(strategy.module, data.meta)
+        self.loss_on_host = self.device.type == "cpu"  # reading a CPU loss waits for nothing
+        self.peak_flops = peak_flops(self.device)
 
     # -- what a checkpoint holds besides the strategy's model and optimizer state
     def state_dict(self) -> dict:
@@ -65,17 +107,22 @@ class Trainer:
     def fit(self, on_start=None) -> dict:
         """Resume if there is something to resume, call `on_start()`, then train to the end."""
         try:
-            return self._fit(on_start)
+            self.resume()
+            if on_start is not None:
+                on_start()
+            return self._fit()
         finally:
             self.loader.close()
             self.watchdog.phase = "done"
 
-    def _fit(self, on_start) -> dict:
+    def resume(self) -> None:
+        path = self.checkpointer.maybe_resume()
+        if path is not None:
+            log.info("resumed from %s at step %d (epoch %d, %d samples into it)", path, self.step,
+                     self.sampler.epoch, self.sampler.position)
+
+    def _fit(self) -> dict:
         cfg = self.cfg
-        if self.checkpointer is not None:
-            self.checkpointer.maybe_resume(self)
-        if on_start is not None:
-            on_start()
         progress = Progress(cfg.log.progress, self.interactive, self.rank == 0, self.total_steps, self.step)
         window, start, first_step = Window(), time.perf_counter(), self.step
         # a window's time is the loop's wall time, its log lines and collections included, less
@@ -83,32 +130,32 @@ class Trainer:
         mark = start
         with contextlib.closing(progress), collector.lockstep(cfg.train.gc_every) as collect:
             while self.step < self.total_steps:
-                losses, samples, grad_norm, data_wait, busy = self.train_step()
+                losses, samples = self.train_step()
                 self.step += 1
                 self.watchdog.step = self.step
                 collect(self.step)
                 now = time.perf_counter()
-                window.add(losses, samples, now - mark, data_wait, busy)
+                window.add(losses, samples, now - mark, self.phases.seconds.get("data", 0.0),
+                           self.phases.take("data", "forward"))
                 mark = now
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                    self.log_train(window, grad_norm, progress)
+                    self.log_train(window, progress)
                     window = Window()
                 progress.update(self.step)
-                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
+                last = self.step == self.total_steps
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and not last:
                     mark += self.timed(self.run_eval)
-                if self.checkpointer is not None and self.checkpointer.due(self.step) and self.step < self.total_steps:
+                if self.checkpointer.due(self.step) and not last:
                     mark += self.timed(self.save_checkpoint)
-                if self.preemption is not None and self.preemption.should_stop():
+                if self.preemption.should_stop():
                     self.preemption.drain()
                     log.warning("preemption signal: checkpointing at step %d and exiting for a requeue", self.step)
-                    self.save_checkpoint()
+                    self.save_checkpoint(blocking=True)
                     return self.summary(start, first_step, preempted=True)
-        if self.preemption is not None:
-            self.preemption.drain()
-        self.read_flags()
+        self.preemption.drain()
+        self.read_norms()
         self.run_eval()
-        if self.checkpointer is not None:
-            self.save_checkpoint(final=True)
+        self.save_checkpoint(blocking=True)
         return self.summary(start, first_step, preempted=False)
 
     @staticmethod
@@ -118,40 +165,40 @@ class Trainer:
         return time.perf_counter() - t
 
     def train_step(self):
-        s, watchdog = self.strategy, self.watchdog
-        watchdog.phase = "data"
-        t_data = time.perf_counter()
-        batch, micro = self.loader.next_step()
-        data_wait = time.perf_counter() - t_data
-        busy = data_wait
+        s, phase = self.strategy, self.phases
+        with phase("data"):
+            batch, micro = self.loader.next_step()
         set_lr(s.optimizer, lr_at(self.step, self.cfg.optim.lr, self.cfg.sched, self.total_steps))
         losses = []  # (micro-batch mean loss, samples) pairs, summed only at log lines
         last = len(micro) - 1
         for i, ((x, y), real) in enumerate(zip(micro, batch.real)):
-            with s.sync(i == last):
-                watchdog.phase = "forward"
-                t_fwd = time.perf_counter()
-                with s.autocast():
+            with s.micro_step(sync=i == last):
+                with phase("forward"):
                     loss = self.loss(self.meta["task"], s.model(x), y)
-                busy += time.perf_counter() - t_fwd
-                watchdog.phase = "backward"
-                # weight each micro-batch by its share of the global batch, so that the gradient mean
-                # over ranks is the mean over the global batch however it is split (1.0: one micro-batch
-                # per rank and equal shares, the common case, where this is the plain mean loss)
-                weight = real * self.world_size / batch.global_size
-                s.backward(loss if weight == 1.0 else loss * weight)
+                with phase("backward"):
+                    # weight each micro-batch by its share of the global batch, so that the gradient mean
+                    # over ranks is the mean over the global batch however it is split (1.0: one micro-batch
+                    # per rank and equal shares, the common case, where this is the plain mean loss)
+                    weight = real * self.world_size / batch.global_size
+                    s.backward(loss if weight == 1.0 else loss * weight)
             if real:
                 losses.append((loss.item() if self.loss_on_host else loss.detach(), real))
-        watchdog.phase = "optimizer"
-        number = self.step + 1
-        grad_norm = s.step(self.cfg.train.grad_clip, want_norm=number % self.cfg.train.log_every == 0
-                           or number == self.total_steps)  # the norm only where a log line shows it
-        if torch.is_tensor(grad_norm):  # on the GPU: read where the loop waits for it anyway
-            self.unread_flags.append((number, grad_norm))
-            grad_norm = None
-        elif grad_norm is not None and not math.isfinite(grad_norm):  # the strategy did not apply the update
-            self.skipped(number)
-        return losses, batch.global_size, grad_norm, data_wait, busy
+        with phase("optimizer"):
+            self.norms.append((self.step + 1, s.step(self.cfg.train.grad_clip)))
+        return losses, batch.global_size
+
+    def read_norms(self) -> float:
+        """The newest step's gradient norm; accounts for the steps whose update was skipped since
+        the last read (read at log lines, checkpoints and the end: on a GPU, reading each step would
+        stall the host; a stop comes at most train.log_every steps late and no bad update is applied)."""
+        if not self.norms:
+            return math.nan
+        norms, self.norms = self.norms, []
+        values = torch.stack([n.float().cpu() for _, n in norms]).tolist()
+        for (number, _), value in zip(norms, values):
+            if not math.isfinite(value):
+                self.skipped(number)
+        return values[-1]
 
     def skipped(self, number: int) -> None:
         self.skipped_steps += 1
@@ -160,21 +207,12 @@ class Trainer:
                                  "applied (train.on_nonfinite=skip skips such steps instead)")
         log.warning("step %d: non-finite loss or gradient norm, update skipped (%d so far)", number, self.skipped_steps)
 
-    def read_flags(self) -> None:
-        """Account for the steps the GPU skipped since the last read: at log lines, checkpoints and
-        the end, so a stop comes at most train.log_every steps late and no skipped update is ever applied."""
-        if self.unread_flags:
-            flags, self.unread_flags = self.unread_flags, []
-            for (number, _), bad in zip(flags, torch.stack([f for _, f in flags]).tolist()):
-                if bad:
-                    self.skipped(number)
-
-    def log_train(self, window: Window, grad_norm, progress: Progress) -> None:
-        self.read_flags()
-        loss, busy = window.reduce(self.comm_device)
+    def log_train(self, window: Window, progress: Progress) -> None:
+        grad_norm = self.read_norms()
+        loss, busy = window.reduce(self.comm)
         samples_per_s = window.samples / window.time
         record = {"step": self.step, "epoch": self.sampler.epoch, "split": "train", "loss": loss,
-                  "lr": self.strategy.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                  "lr": self.strategy.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                   "step_time_s": window.time / window.steps, "data_wait_s": window.data_wait / window.steps,
                   "samples_per_s": samples_per_s, "peak_memory_mb": peak_memory_mb(self.device),
                   "skipped_steps": self.skipped_steps}
@@ -197,7 +235,7 @@ class Trainer:
     def run_eval(self) -> dict:
         self.watchdog.phase = "eval"
         result = evaluate(self.strategy, self.eval_set, self.meta["task"], self.cfg.data.eval_batch_size,
-                          self.device, self.comm_device)
+                          self.device, self.comm)
         self.last_eval = {"step": self.step, **result}
         key = "accuracy" if "accuracy" in result else "loss"
         better = max if key == "accuracy" else min
@@ -209,10 +247,13 @@ class Trainer:
         self.watchdog.phase = "data"
         return result
 
-    def save_checkpoint(self, final: bool = False) -> None:
-        self.read_flags()
+    def save_checkpoint(self, blocking: bool = False) -> None:
+        self.read_norms()
         self.watchdog.phase = "checkpoint"
-        self.checkpointer.save(self, final=final)
+        if not weights_finite(self.strategy.module, self.comm):
+            raise FloatingPointError(f"refusing to write the checkpoint of step {self.step}: the model holds "
+                                     "non-finite weights")
+        self.checkpointer.save(self.step, blocking=blocking)
         self.watchdog.phase = "data"
 
     def summary(self, start: float, first_step: int, preempted: bool) -> dict:
@@ -221,7 +262,7 @@ class Trainer:
         out = {"steps": self.step, "steps_this_run": steps, "wall_s": wall, "preempted": preempted,
                "samples_per_s": steps * self.cfg.data.global_batch_size / wall if wall > 0 else None,
                "skipped_steps": self.skipped_steps, "last_eval": self.last_eval, "best_eval": self.best_eval,
-               "checkpoint": self.checkpointer.latest_path() if self.checkpointer is not None else None}
+               "checkpoint": self.checkpointer.latest_path()}
         if self.rank == 0 and self.metrics.enabled:
             (self.cfg.run_dir / "summary.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
         return out

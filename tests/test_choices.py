@@ -23,14 +23,18 @@ def test_run_dir_defaults_to_runs_name_and_progress_words_parse():
 
 def test_backend_and_device_choices():
     from distrain.dist import choose_backend, choose_device
+    from distrain.strategies import spec
 
-    assert choose_backend("auto", "ddp", cuda=True) == "nccl"
-    assert choose_backend("auto", "single", cuda=True) == choose_backend("auto", "dp", cuda=True) == "gloo"
-    assert choose_backend("auto", "fsdp", cuda=False) == "gloo" and choose_backend("gloo", "ddp", cuda=True) == "gloo"
+    def backend(requested, name, cuda):
+        return choose_backend(requested, cuda, collective=spec(name).needs_group)
+
+    assert backend("auto", "ddp", cuda=True) == "nccl"
+    assert backend("auto", "single", cuda=True) == backend("auto", "dp", cuda=True) == "gloo"
+    assert backend("auto", "fsdp", cuda=False) == "gloo" and backend("gloo", "ddp", cuda=True) == "gloo"
     env = ClusterEnv(local_rank=1)
-    assert choose_device(env, "cpu", "ddp") == torch.device("cpu")
-    assert choose_device(env, "cuda", "ddp") == torch.device("cuda", 1)  # each rank its own GPU
-    assert choose_device(env, "cuda", "dp") == torch.device("cuda", 0)  # DataParallel scatters from the first
+    assert choose_device(env, "cpu", spec("ddp").first_gpu) == torch.device("cpu")
+    assert choose_device(env, "cuda", spec("ddp").first_gpu) == torch.device("cuda", 1)  # each rank its own GPU
+    assert choose_device(env, "cuda", spec("dp").first_gpu) == torch.device("cuda", 0)  # DataParallel scatters from the first
 
 
 def test_deepspeed_config_merges_the_users_over_distrains():
@@ -39,7 +43,8 @@ def test_deepspeed_config_merges_the_users_over_distrains():
     cfg = load_config(DEMO, ["strategy.name=deepspeed", "strategy.zero_stage=3", "strategy.offload=optimizer+params",
                              "train.grad_clip=0.5",
                              "strategy.deepspeed={zero_optimization: {overlap_comm: true}, steps_per_print: 10}"])
-    ds = deepspeed_config(SimpleNamespace(cfg=cfg, micro_batch=16, accumulation=2, precision="bf16"))
+    ds = deepspeed_config(SimpleNamespace(section=cfg.strategy, micro_batch=16, accumulation=2, precision="bf16",
+                                          global_batch=cfg.data.global_batch_size, grad_clip=cfg.train.grad_clip))
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["overlap_comm"] is True  # the user's key wins, distrain's others stay
     assert zero["offload_optimizer"] == {"device": "cpu"} and zero["offload_param"] == {"device": "cpu"}
@@ -59,7 +64,7 @@ def test_grad_clip_matches_torch_and_reports_the_norm_before_clipping(clip):
         return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
     ours, opt = setup()
-    norm = optimizer_step(opt, list(ours.parameters()), clip, None, want_norm=True)
+    norm = optimizer_step(opt, list(ours.parameters()), clip, None).item()
     theirs, ref_opt = setup()
     expected = torch.nn.utils.clip_grad_norm_(theirs.parameters(), clip).item()
     ref_opt.step()

@@ -154,6 +154,7 @@ def test_log_and_metrics_files_write_warnings_and_eval_lines_through_at_once(tmp
 
 
 def test_window_loss_is_the_sample_weighted_mean_from_floats_or_tensors():
+    from distrain.dist import Collectives
     from distrain.metrics import Window
 
     pairs = [(0.5, 64), (0.25, 64), (2.0, 5)]
@@ -163,11 +164,11 @@ def test_window_loss_is_the_sample_weighted_mean_from_floats_or_tensors():
         by_tensor.add([(torch.tensor(loss), n)], n, 0.01, 0.0, 0.005)
     expected = (0.5 * 64 + 0.25 * 64 + 2.0 * 5) / 133
     for window in (by_float, by_tensor):
-        loss, busy = window.reduce(torch.device("cpu"))
+        loss, busy = window.reduce(Collectives(torch.device("cpu")))
         assert loss == pytest.approx(expected, rel=1e-12) and busy == [pytest.approx(0.005)]
     nan_window = Window()
     nan_window.add([(float("inf"), 4)], 4, 0.01, 0.0, 0.0)
-    assert math.isnan(nan_window.reduce(torch.device("cpu"))[0])
+    assert math.isnan(nan_window.reduce(Collectives(torch.device("cpu")))[0])
 
 
 def test_throughput_counts_log_lines_and_collections_but_not_evaluations_or_checkpoints(tmp_path, monkeypatch):

@@ -5,9 +5,10 @@ import sys
 from conftest import ROOT, clean_env
 
 SCRIPT = """
-import os, signal, torch
+import os, signal
+from distrain.dist import LocalAgreement
 from distrain.preempt import Preemption
-p = Preemption(["SIGUSR1"], torch.device("cpu"))
+p = Preemption(["SIGUSR1"], LocalAgreement())
 os.kill(os.getpid(), signal.SIGUSR1)
 print("flag", p.should_stop(), flush=True)
 os.kill(os.getpid(), signal.SIGUSR1)

@@ -155,8 +155,9 @@ def _preempt_worker(rank: int, world: int, port: int, shared: bool, barrier_in_s
     from distrain import dist as ddist
     from distrain.preempt import Preemption
 
-    ddist._host_group = group = shm.HostGroup.create(60) if shared else None
-    preemption = Preemption([], torch.device("cpu"))
+    group = shm.HostGroup.create(60) if shared else None
+    comm = ddist.Collectives(torch.device("cpu"), host=group)
+    preemption = Preemption([], comm.stop_agreement())
     stopped_at = None
     for boundary in range(1, 30):
         if barrier_in_step:
@@ -169,7 +170,7 @@ def _preempt_worker(rank: int, world: int, port: int, shared: bool, barrier_in_s
             stopped_at = boundary
             break
     preemption.drain()
-    torch.save({"stopped_at": stopped_at, "shared": ddist.host_group() is not None,
+    torch.save({"stopped_at": stopped_at, "shared": isinstance(preemption.agreement, shm.StopAgreement),
                 "barriers": group.arrivals if group else None}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -190,12 +191,14 @@ def _handed_group_worker(rank: int, world: int, port: int, out: str) -> None:
 
     _join(rank, world, port)  # the caller made the process group, as an embedding program does
     from distrain import dist as ddist
+    from distrain.train import _host_group
 
     env = SimpleNamespace(distributed=True)
     found = []
     for shared in (True, False):
-        ddist.init(env, "gloo", torch.device("cpu"), 60, shared_memory=shared)
-        found.append(ddist.host_group() is not None)
+        ddist.init(env, "gloo", torch.device("cpu"), 60)
+        cfg = SimpleNamespace(strategy=SimpleNamespace(shared_memory=shared, timeout_s=60))
+        found.append(_host_group(cfg, torch.device("cpu")) is not None)
     torch.save(found, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -214,10 +217,9 @@ def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
     rows = [group.gather([float(rank), 10.0 * rank + call]) for call in range(3)]  # back to back: the lines alternate
     window = Window()
     window.add([(0.25 * (rank + 1), 64)], 64 * world, 0.01, 0.0, 0.001 * (rank + 1))
-    ddist._host_group = group
-    shared = window.reduce(torch.device("cpu"))
-    ddist._host_group = None
-    torch.save({"rows": rows, "shared": shared, "gloo": window.reduce(torch.device("cpu"))}, f"{out}/rank{rank}.pt")
+    shared = window.reduce(ddist.Collectives(torch.device("cpu"), host=group))
+    gloo = window.reduce(ddist.Collectives(torch.device("cpu")))
+    torch.save({"rows": rows, "shared": shared, "gloo": gloo}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 

@@ -1,5 +1,9 @@
 """Same config, same optimization: every strategy on 2 ranks matches `single` on one process."""
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 from conftest import CONFIGS, final_weights, max_abs_diff, metrics, run_train
 
@@ -22,7 +26,8 @@ def reference(tmp_path_factory):
     ["strategy.name=deepspeed", "strategy.zero_stage=2"],
     ["strategy.name=deepspeed", "strategy.zero_stage=3"],
     ["strategy.name=ddp", "data.micro_batch_size=8"],  # 4 accumulation micro-steps per rank
-], ids=["ddp", "fsdp", "zero1", "zero2", "zero3", "ddp-accumulation"])
+    ["strategy.name=ddp", "data.micro_batch_size=8", "strategy.shared_memory=false"],  # DDP itself, no_sync
+], ids=["ddp", "fsdp", "zero1", "zero2", "zero3", "ddp-accumulation", "torch-ddp-accumulation"])
 def test_two_ranks_match_single_process(strategy, reference, tmp_path):
     run = tmp_path / "run"
     run_train([*BASE, f"run.dir={run}", *strategy], nproc=2)
@@ -64,16 +69,47 @@ def test_eval_identical_on_1_2_and_3_ranks(tmp_path):
 
 def test_ddp_on_one_process_runs_unwrapped_and_matches_single(reference, tmp_path):
     """A one-rank DDP has nothing to all-reduce: the module stays bare (no collective per step)."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from distrain.cluster import ClusterEnv
-    from distrain.strategies import replicated
-
-    module = torch.nn.Linear(2, 2)
-    wrapped, average = replicated.ddp(module, SimpleNamespace(env=ClusterEnv(), device=torch.device("cpu")))
-    assert wrapped is module and average is None
+    strategy = _ddp_strategy(torch.nn.Linear(2, 2), host=None)
+    assert strategy.model is strategy.module and strategy.average is None
     run = tmp_path / "run"
     run_train([*BASE, f"run.dir={run}", "strategy.name=ddp"], nproc=1)
     assert max_abs_diff(final_weights(run), reference) == 0
+
+
+def _ddp_strategy(module, host):
+    from distrain.cluster import ClusterEnv
+    from distrain.dist import Collectives, world_size
+    from distrain.strategies import StrategyContext, spec
+
+    ctx = StrategyContext(None, ClusterEnv(world_size=world_size()), torch.device("cpu"), "gloo",
+                          Collectives(torch.device("cpu"), host), micro_batch=2, accumulation=2, global_batch=8)
+    strategy = spec("ddp").build(ctx)
+    strategy.setup(module, lambda params, fused=False: torch.optim.SGD(params, lr=0.0))
+    return strategy
+
+
+def _no_sync_worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    strategy = _ddp_strategy(torch.nn.Linear(3, 1), host=None)
+    assert isinstance(strategy.model, DistributedDataParallel)
+    x = torch.full((2, 3), float(rank + 1))
+    grads = []
+    for sync in (False, True):  # an accumulation micro-step keeps its gradient local; the last one averages
+        with strategy.micro_step(sync=sync):
+            strategy.backward(strategy.model(x).sum())
+        grads.append(strategy.module.weight.grad.clone())
+    torch.save(grads, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_torch_ddp_keeps_accumulation_micro_steps_local(tmp_path):
+    """strategy.shared_memory=false: torch's DDP with its own no_sync, on gloo."""
+    from distrain.dist import _free_port
+
+    mp.spawn(_no_sync_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    local, synced = zip(*(torch.load(tmp_path / f"rank{r}.pt") for r in range(2)))
+    assert torch.equal(local[0], torch.full((1, 3), 2.0)) and torch.equal(local[1], torch.full((1, 3), 4.0))
+    # the mean over ranks of (micro-step 1 + micro-step 2) = ((2 + 2) + (4 + 4)) / 2
+    assert torch.equal(synced[0], torch.full((1, 3), 6.0)) and torch.equal(synced[1], synced[0])

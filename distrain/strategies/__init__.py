@@ -1,7 +1,13 @@
-"""Strategies behind one small protocol. Each is built from a StrategyContext; the trainer
-only ever calls the methods below, whatever the strategy."""
+"""Strategies behind one small protocol, and the one registry that knows them.
+
+Each strategy declares what the rest of distrain needs to know about it (its checkpoint
+format, whether it needs a process group, whether it can save in the background, what it
+refuses) in its `Spec`; nothing outside this package compares strategy names.
+"""
 from __future__ import annotations
 
+import importlib
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Protocol
@@ -10,25 +16,24 @@ import torch
 from torch import nn
 
 from ..cluster import ClusterEnv
-from ..config import Config
+from ..config import Config, ConfigError
 
 
 @dataclass
 class StrategyContext:
-    cfg: Config
+    """What a strategy is built from: its own config section and the few run facts it needs."""
+    section: object  # StrategyConfig
     env: ClusterEnv
     device: torch.device
     backend: str
+    comm: object  # dist.Collectives: its `host` is the shared-memory group of CPU ranks on one machine, or None
     micro_batch: int
     accumulation: int
-
-    @property
-    def precision(self) -> str:
-        return self.cfg.train.precision
-
-    @property
-    def compile(self) -> bool:
-        return self.cfg.train.compile
+    global_batch: int
+    precision: str = "fp32"
+    compile: bool = False
+    grad_clip: float | None = None
+    async_save: bool = False
 
 
 class Strategy(Protocol):
@@ -37,27 +42,59 @@ class Strategy(Protocol):
     optimizer: torch.optim.Optimizer
 
     def setup(self, module: nn.Module, make_optimizer: Callable) -> None: ...
-    def sync(self, enabled: bool) -> ContextManager: ...  # gradient sync on/off for this micro-step
-    def autocast(self) -> ContextManager: ...
+    # one micro-batch's forward and backward: gradient sync on the step's last one only, autocast
+    def micro_step(self, sync: bool) -> ContextManager: ...
     def backward(self, loss: torch.Tensor) -> None: ...
-    # the pre-clip gradient norm (None if not computed: want_norm off); non-finite: no update was made
-    def step(self, grad_clip: float | None, want_norm: bool = True) -> float | None: ...
-    def full_model_state(self) -> dict: ...  # consolidated on rank 0; collective
-    def save(self, path: Path) -> None: ...  # collective
+    # clip, update unless non-finite, clear grads; the pre-clip global norm as a 0-dim tensor, read by the
+    # caller when it likes (non-finite: the update was not applied)
+    def step(self, grad_clip: float | None) -> torch.Tensor: ...
+    # collective; blocking=False may return a Future that completes when the files are written
+    def save(self, path: Path, blocking: bool = True) -> Future | None: ...
     def load(self, path: Path) -> None: ...  # collective
+    def full_state(self) -> dict: ...  # the plain model state_dict, consolidated on rank 0; collective
 
 
-def build_strategy(ctx: StrategyContext) -> Strategy:
-    name = ctx.cfg.strategy.name
-    if name in ("single", "dp", "ddp"):
-        from . import replicated
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    factory: str  # "module:callable" under this package, imported only when the strategy is used
+    checkpoint_format: str  # full | dcp | deepspeed
+    needs_group: bool  # a process group even for one process
+    one_process: bool = False
+    async_save: bool = False
+    first_gpu: bool = False  # the process drives every visible GPU from the first one
+    fp16: bool = True
+    offload: bool = False
 
-        wrap = {"single": replicated.no_wrap, "dp": replicated.data_parallel, "ddp": replicated.ddp}[name]
-        return replicated.Replicated(ctx, wrap)
-    if name == "fsdp":
-        from .fsdp import Fsdp
+    def build(self, ctx: StrategyContext) -> Strategy:
+        module, _, name = self.factory.partition(":")
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)(ctx)
 
-        return Fsdp(ctx)
-    from .deepspeed import DeepSpeed
+    def check(self, cfg: Config, world_size: int | None = None) -> None:
+        """The strategy's own refusals, as config errors (world_size None: before launch facts are known)."""
+        s = cfg.strategy
+        if self.one_process and world_size is not None and world_size > 1:
+            raise ConfigError("strategy.name", f"{self.name} runs one process but {world_size} were launched; "
+                                               "use ddp, fsdp or deepspeed")
+        if not self.fp16 and cfg.train.precision == "fp16":
+            raise ConfigError("train.precision", f"fp16 is not supported with {self.name}; use bf16")
+        if cfg.checkpoint.async_save and not self.async_save:
+            raise ConfigError("checkpoint.async_save", "needs a strategy with sharded DCP checkpoints "
+                                                       f"({', '.join(n for n, other in STRATEGIES.items() if other.async_save)})")
+        if s.offload != "none" and not self.offload:
+            raise ConfigError("strategy.offload", "CPU offload needs strategy.name=deepspeed")
+        if self.offload and s.offload == "optimizer+params" and s.zero_stage != 3:
+            raise ConfigError("strategy.offload", "offloading params needs strategy.zero_stage=3")
 
-    return DeepSpeed(ctx)
+
+STRATEGIES = {
+    "single": Spec("single", "replicated:single", "full", needs_group=False, one_process=True),
+    "dp": Spec("dp", "replicated:data_parallel", "full", needs_group=False, one_process=True, first_gpu=True),
+    "ddp": Spec("ddp", "replicated:ddp", "full", needs_group=True),
+    "fsdp": Spec("fsdp", "fsdp:Fsdp", "dcp", needs_group=True, async_save=True, fp16=False),
+    "deepspeed": Spec("deepspeed", "deepspeed:DeepSpeed", "deepspeed", needs_group=True, offload=True),
+}
+
+
+def spec(name: str) -> Spec:
+    return STRATEGIES[name]  # the config's Literal type has already refused unknown names

@@ -2,7 +2,6 @@
 and only when this strategy is chosen."""
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
@@ -10,22 +9,22 @@ from . import common
 
 
 def deepspeed_config(ctx) -> dict:
-    cfg = ctx.cfg
-    zero: dict = {"stage": cfg.strategy.zero_stage}
-    if cfg.strategy.zero_stage == 3:
+    section = ctx.section
+    zero: dict = {"stage": section.zero_stage}
+    if section.zero_stage == 3:
         zero["overlap_comm"] = False  # distrain owns the accumulation boundary (see setup)
-    if cfg.strategy.offload != "none":
+    if section.offload != "none":
         zero["offload_optimizer"] = {"device": "cpu"}
-    if cfg.strategy.offload == "optimizer+params":
+    if section.offload == "optimizer+params":
         zero["offload_param"] = {"device": "cpu"}
     config = {
-        "train_batch_size": cfg.data.global_batch_size,
+        "train_batch_size": ctx.global_batch,
         "train_micro_batch_size_per_gpu": ctx.micro_batch,
         "gradient_accumulation_steps": ctx.accumulation,
         # distrain decides where an optimizer step ends: the last micro-batch of an epoch's
         # short final batch comes earlier than a fixed count would say
         "managed_gradient_accumulation": False,
-        "gradient_clipping": cfg.train.grad_clip or 0.0,
+        "gradient_clipping": ctx.grad_clip or 0.0,
         "zero_optimization": zero,
         # a non-finite gradient norm skips the step (fp32 and fp16 do so already)
         "bf16": {"enabled": ctx.precision == "bf16", "check_grad_overflow": True},
@@ -36,7 +35,7 @@ def deepspeed_config(ctx) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    return _merge(config, cfg.strategy.deepspeed)
+    return _merge(config, section.deepspeed)
 
 
 class HalfInputs(torch.nn.Module):
@@ -52,8 +51,6 @@ class HalfInputs(torch.nn.Module):
 
 
 class DeepSpeed:
-    name = "deepspeed"
-
     def __init__(self, ctx):
         self.ctx = ctx
 
@@ -70,7 +67,7 @@ class DeepSpeed:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=self.ctx.backend, verbose=False)
         module.to(self.ctx.device)
-        self.optimizer = make_optimizer(module.parameters())
+        self.optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad])
         self.engine, *_ = deepspeed.initialize(
             model=module, optimizer=self.optimizer, config=deepspeed_config(self.ctx), dist_init_required=False)
         self.module = self.engine.module
@@ -79,22 +76,20 @@ class DeepSpeed:
             model = HalfInputs(self.engine, common.AMP_DTYPES[self.ctx.precision])
         self.model = common.maybe_compile(model, self.ctx.compile)
 
-    def sync(self, enabled: bool):
-        return contextlib.nullcontext()  # reductions happen at engine.step(), the boundary
-
-    def autocast(self):
-        # bf16/fp16 engines hold half-precision weights; autocast casts fp32 inputs to match
+    def micro_step(self, sync: bool):
+        # reductions happen at engine.step(), the boundary; bf16/fp16 engines hold half-precision
+        # weights, and autocast casts fp32 inputs to match
         return common.autocast(self.ctx.device, self.ctx.precision)
 
     def backward(self, loss) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the trainer already normalised the loss
 
-    def step(self, grad_clip, want_norm=True):
+    def step(self, grad_clip):
         self.engine.step()
         norm = self.engine.get_global_grad_norm()  # inf when DeepSpeed skipped a non-finite step
-        return float("nan") if norm is None else float(norm)
+        return torch.tensor(float("nan") if norm is None else float(norm))
 
-    def full_model_state(self) -> dict:
+    def full_state(self) -> dict:
         """fp32 master weights (not the 16-bit compute copy), gathered over ranks; collective."""
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -106,7 +101,7 @@ class DeepSpeed:
             state[name] = b.detach().cpu()
         return {k: state[k] for k in self.module.state_dict() if k in state}
 
-    def save(self, path) -> None:
+    def save(self, path, blocking=True) -> None:
         self.engine.save_checkpoint(str(path / "deepspeed"), tag="state")  # every rank writes its partition
         universal = self._gather_universal()  # collective
         if self.ctx.env.is_main:
@@ -153,7 +148,7 @@ class DeepSpeed:
                     safe_set_full_optimizer_state(p, value, k)
         # the compute copy of the weights follows the fp32 master
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
-                                               enabled=self.ctx.cfg.strategy.zero_stage == 3):
+                                               enabled=self.ctx.section.zero_stage == 3):
             with torch.no_grad():
                 for name, p in params.items():
                     p.data.copy_(universal["params"][name].to(p.device, p.dtype).reshape(p.shape))

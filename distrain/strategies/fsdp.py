@@ -23,8 +23,6 @@ def shard_units(module: nn.Module) -> list[nn.Module]:
 
 
 class Fsdp:
-    name = "fsdp"
-
     def __init__(self, ctx):
         self.ctx = ctx
 
@@ -37,42 +35,41 @@ class Fsdp:
         fully_shard(module, mp_policy=mp)
         self.module = module
         self.model = common.maybe_compile(module, self.ctx.compile)
-        self.params = list(module.parameters())
+        self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params)
         # background checkpoint writes plan over their own group, never interleaving with training collectives
-        async_save = self.ctx.cfg.checkpoint.async_save
+        async_save = self.ctx.async_save
         self.checkpoint_group = torch.distributed.new_group(backend="gloo") if async_save else None
         self.stager = staging_for(self.ctx.device) if async_save else None
 
-    def sync(self, enabled: bool):
-        # accumulation micro-steps skip the reduce-scatter; the last one does it
-        self.module.set_requires_gradient_sync(enabled)
-        return contextlib.nullcontext()
-
-    def autocast(self):
-        return contextlib.nullcontext()  # the mixed-precision policy casts parameters itself
+    @contextlib.contextmanager
+    def micro_step(self, sync: bool):
+        # accumulation micro-steps skip the reduce-scatter; the last one does it. No autocast: the
+        # mixed-precision policy casts the parameters itself
+        self.module.set_requires_gradient_sync(sync)
+        yield
 
     def backward(self, loss) -> None:
         loss.backward()
 
-    def step(self, grad_clip, want_norm=True):
-        # every step: the norm over all shards is how the ranks agree on skipping a non-finite one
+    def step(self, grad_clip):
+        # the norm over all shards is how the ranks agree on skipping a non-finite step
         return common.optimizer_step(self.optimizer, self.params, grad_clip)
 
-    def full_model_state(self) -> dict:
+    def full_state(self) -> dict:
         """The unsharded state on rank 0 (others get an empty dict); every rank must call it."""
         return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def save(self, path) -> None:
+    def save(self, path, blocking=True):
+        """Sharded DCP files. blocking=False stages the state in CPU memory (training waits only for
+        this) and writes it in the background: the returned future completes when the files are written."""
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / "dcp"))
-
-    def save_async(self, path):
-        """Stage the state in CPU memory (training waits only for this), write it in the background.
-        Returns a future; the checkpoint is committed once it is done."""
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        return dcp.async_save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / "dcp"),
-                              process_group=self.checkpoint_group, async_stager=self.stager)
+        state, where = {"model": model_state, "optim": optim_state}, str(path / "dcp")
+        if blocking:
+            dcp.save(state, checkpoint_id=where)
+            return None
+        return dcp.async_save(state, checkpoint_id=where, process_group=self.checkpoint_group,
+                              async_stager=self.stager)
 
     def load(self, path) -> None:
         model_state, optim_state = get_state_dict(self.module, self.optimizer)

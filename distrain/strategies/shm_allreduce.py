@@ -175,3 +175,25 @@ def attach(ddp_module, group: shm.HostGroup) -> bool:
         return False
     ddp_module.register_comm_hook(BucketAllReduce(slots), shm_allreduce_hook)
     return True
+
+
+def wrap(module: torch.nn.Module, group: shm.HostGroup):
+    """Collective. The one way in for `ddp` on CPU ranks sharing a machine: (model to run, function
+    that averages the gradients before the optimizer step, or None when the model's DDP wrapper
+    does it during backward), or None where shared memory cannot be had (plain DDP then)."""
+    import logging
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    log = logging.getLogger("distrain")
+    if next(module.buffers(), None) is None:  # DDP would broadcast buffers every forward: not needed
+        averager = GradientAverager.create(group, module)
+        if averager is not None:
+            broadcast_module(module)
+            log.info("ddp: gradients averaged through shared memory (all %d ranks on this machine)", group.world_size)
+            return module, averager.average
+    wrapped = DistributedDataParallel(module)
+    if not attach(wrapped, group):
+        return wrapped, None
+    log.info("ddp: gradients all-reduced through shared memory (all %d ranks on this machine)", group.world_size)
+    return wrapped, None
