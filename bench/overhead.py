@@ -22,6 +22,7 @@ loop's time / the hand-written loop's time in the same round, with its min-max.
 Peak memory (single case) is measured apart, one fresh process per loop: its peak RSS,
 imports included. Final weights are compared bit for bit with the hand-written loop's.
 Start-up runs a fresh process per loop. Run it on a quiet machine.
+bench/whole_process.py measures the same step another way: whole fresh processes, short and long runs.
 """
 from __future__ import annotations
 
