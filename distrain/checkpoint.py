@@ -19,19 +19,14 @@ from pathlib import Path
 import torch
 
 from . import dist, rng
-from .checkpoint_io import (UnsafeCheckpointError, atomic_write_text, check_manifest, fsync_dir, fsync_tree, safe_load,
+from .checkpoint_io import (CheckpointWriteError, UnsafeCheckpointError, atomic_write_text, check_manifest, fsync_dir,
+                            fsync_tree, manifest_bytes, not_enough_space, safe_load, state_bytes, storage_failure,
                             verify_crc, vet_files, write_manifest)
-from .config import ConfigError
+from .config import ConfigError, config_changes
 
 log = logging.getLogger("distrain")
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-# keys whose change alters the optimization; the world size and micro batch may change freely
-OPTIMIZATION_KEYS = ("model", "optim", "sched", "run.seed", "data.name", "data.global_batch_size",
-                     "train.grad_clip", "train.precision")
-RUNTIME_DATA_KEYS = {"root", "download", "micro_batch_size", "eval_batch_size", "num_workers"}
-
-
 class Checkpointer:
     """Saves and restores what it is given to track: `files`, an object that writes and reads its own
     files in a checkpoint directory (the strategy: save(path, blocking) / load(path), collective), and
@@ -56,8 +51,6 @@ class Checkpointer:
                                                    "continue it, run.overwrite=true to start over, or another run.name")
         if resume not in ("auto", "never") and not Path(resume).exists():
             raise ConfigError("checkpoint.resume", f"no checkpoint at {resume}")
-        if resume == "never" and overwrite and self.env.is_main and self.root.exists():
-            shutil.rmtree(self.root)
 
     def due(self, step: int) -> bool:
         every = self.section.every_steps
@@ -66,46 +59,105 @@ class Checkpointer:
     # -- saving
     def save(self, step: int, blocking: bool = False) -> Path:
         """Collective. blocking=False lets a strategy that can write in the background do so (with
-        checkpoint.async_save); the checkpoint is then committed at the next save or commit_pending."""
+        checkpoint.async_save); the checkpoint is then committed at the next save or commit_pending.
+        When the storage cannot take it (checked before writing, or a write fails), every rank stops
+        with CheckpointWriteError, the partial copy is removed and `latest` is left as it was."""
         self.commit_pending()
         name = f"step_{step:08d}"
         if (self.root / name).exists():  # already committed (e.g. resumed from the final checkpoint)
             return self.root / name
         tmp = self.root / f".tmp-{name}"
+        needed, failure = self._expected_bytes(), None
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "rng").mkdir(parents=True)
-        dist.barrier()
-        torch.save(rng.capture(), tmp / "rng" / f"rank{self.env.rank}.pt")
-        if self.env.is_main:
-            torch.save({**{key: obj.state_dict() for key, obj in self.states.items()}, "config": self.config,
-                        "format": self.format, "world_size": self.env.world_size}, tmp / "trainer.pt")
-        future = self.files.save(tmp, blocking=blocking or not self.section.async_save)
+            failure = not_enough_space(tmp, needed)
+            if failure is None:
+                failure = self._storage_guard(lambda: (tmp / "rng").mkdir(parents=True), tmp, needed)
+        self._stop_if_any_failed(failure, tmp)  # also: the directory exists for every rank
+        future = None
+
+        def write():
+            nonlocal future
+            torch.save(rng.capture(), tmp / "rng" / f"rank{self.env.rank}.pt")
+            if self.env.is_main:
+                torch.save({**{key: obj.state_dict() for key, obj in self.states.items()}, "config": self.config,
+                            "format": self.format, "world_size": self.env.world_size}, tmp / "trainer.pt")
+            future = self.files.save(tmp, blocking=blocking or not self.section.async_save)
+
+        failure = self._storage_guard(write, tmp, needed)
+        self._stop_if_any_failed(failure, tmp, future)
         if future is not None:
-            self._pending = (tmp, name, future)
+            self._pending = (tmp, name, future, needed)
             return self.root / name
-        return self._commit(tmp, name)
+        return self._commit(tmp, name, needed)
 
     def commit_pending(self) -> None:
         if self._pending is not None:
-            tmp, name, future = self._pending
+            tmp, name, future, needed = self._pending
             self._pending = None
-            future.result()
-            self._commit(tmp, name)
+            self._stop_if_any_failed(self._storage_guard(future.result, tmp, needed), tmp)
+            self._commit(tmp, name, needed)
 
-    def _commit(self, tmp: Path, name: str) -> Path:
-        dist.barrier()  # every rank's files are on disk
-        final = self.root / name
+    def _commit(self, tmp: Path, name: str, needed: int) -> Path:
+        """Every rank's files are on disk (the ranks agreed so): rank 0 seals and publishes them."""
+        final, failure = self.root / name, None
         if self.env.is_main:
-            write_manifest(tmp)
-            fsync_tree(tmp)
-            os.replace(tmp, final)
-            fsync_dir(self.root)
-            atomic_write_text(self.root / "latest", name + "\n")
-            self._retain(name)
-            log.info("checkpoint %s committed", final)
-        dist.barrier()
+            def seal():
+                write_manifest(tmp)
+                fsync_tree(tmp)
+                os.replace(tmp, final)
+                try:
+                    fsync_dir(self.root)
+                    atomic_write_text(self.root / "latest", name + "\n")
+                except OSError:
+                    os.replace(final, tmp)  # not published: `latest` keeps naming the previous checkpoint
+                    raise
+            failure = self._storage_guard(seal, tmp, needed)
+            if failure is None:
+                self._retain(name)
+                log.info("checkpoint %s committed", final)
+        self._stop_if_any_failed(failure, tmp)
         return final
+
+    def _storage_guard(self, write, tmp: Path, needed: int) -> CheckpointWriteError | None:
+        """Run write(); a failure the storage caused is returned (for every rank to learn of it),
+        anything else is raised."""
+        try:
+            write()
+        except BaseException as e:  # DCP's CheckpointException is a BaseException; the rest is raised as it was
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            failure = storage_failure(e, tmp, needed)
+            if failure is None:
+                raise
+            log.debug("checkpoint write failed", exc_info=True)
+            return failure
+        return None
+
+    def _stop_if_any_failed(self, failure: CheckpointWriteError | None, tmp: Path, future=None) -> None:
+        """Collective: if any rank's write failed, every rank stops here, after rank 0 removed the
+        partial copy (once no rank writes into it any more)."""
+        if self.comm.agree(failure is None):
+            return
+        if future is not None:  # a background write of this rank must end before its directory goes
+            try:
+                future.result()
+            except BaseException as e:
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+        dist.barrier()
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise failure or CheckpointWriteError(f"stopped because another rank could not write {tmp} "
+                                              "(its error line says why)")
+
+    def _expected_bytes(self) -> int:
+        """The size of the checkpoint about to be written: the previous one's, else the state's."""
+        steps = committed_steps(self.root)
+        size = manifest_bytes(self.root / f"step_{steps[-1]:08d}") if steps else None
+        if size is None:
+            size = state_bytes(getattr(self.files, "module", None), getattr(self.files, "optimizer", None))
+        return size
 
     def _retain(self, newest: str) -> None:
         """Retire checkpoints past keep_last: a rename now (they are gone from the candidates at
@@ -197,7 +249,7 @@ class Checkpointer:
             rng.restore(path / "rng", self.env.rank, self.env.world_size == meta["world_size"])
         except UnsafeCheckpointError as e:
             raise ConfigError("checkpoint.resume", str(e))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log.debug("loading %s failed", path, exc_info=True)
             return f"{type(e).__name__}: {e}"
         return None
@@ -206,6 +258,9 @@ class Checkpointer:
         if meta["format"] != self.format:
             raise ConfigError("strategy.name", f"{path} was written in the '{meta['format']}' format, strategy "
                                                f"{self.config['strategy']['name']} reads '{self.format}'; export it first")
+        for key, obj in self.states.items():  # a tracked object may refuse what the checkpoint recorded
+            if hasattr(obj, "check_compatible"):
+                obj.check_compatible(meta.get(key))
         if self.section.allow_config_change:
             return
         changed = config_changes(meta["config"], self.config)
@@ -231,23 +286,6 @@ def committed_steps(root: Path) -> list[int]:
     if not root.is_dir():
         return []
     return sorted(int(m.group(1)) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
-
-
-def config_changes(old: dict, new: dict) -> list[str]:
-    changed = []
-    for key in OPTIMIZATION_KEYS:
-        section, _, field = key.partition(".")
-        a, b = old.get(section, {}), new.get(section, {})
-        if field:
-            a, b = a.get(field), b.get(field)
-            if a != b:
-                changed.append(key)
-        else:
-            changed += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    a, b = old.get("data", {}), new.get("data", {})
-    changed += [f"data.{k}" for k in sorted(set(a) | set(b))
-                if k not in RUNTIME_DATA_KEYS and f"data.{k}" not in changed and a.get(k) != b.get(k)]
-    return changed
 
 
 def weights_finite(module, comm) -> bool:

@@ -9,10 +9,12 @@ DeepSpeed value classes) is refused.
 """
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
 import pickle
+import shutil
 import struct
 import zipfile
 from pathlib import Path
@@ -31,8 +33,19 @@ DEEPSPEED_GLOBALS = {"deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # zip local file header: signature ... name and extra lengths
 
 
+# what a full, over-quota, failing or vanished filesystem answers a write with
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENODEV, errno.ESTALE, errno.EROFS, errno.ENXIO}
+# torch's zip writer reports a short write as a RuntimeError that has lost the errno
+TORCH_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+
+
 class UnsafeCheckpointError(Exception):
     pass
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written because of its storage. The message is the whole story
+    (path, cause, bytes needed and free): it is shown as it is, on one line."""
 
 
 def safe_load(path: Path, map_location="cpu", mmap: bool = False):
@@ -129,10 +142,14 @@ def check_manifest(path: Path) -> str | None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)  # path keeps its old content
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -153,3 +170,96 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def storage_failure(exc: BaseException, where: Path, needed: int) -> CheckpointWriteError | None:
+    """A CheckpointWriteError describing `exc` if the storage under `where` caused it, else None.
+    A short write reported by torch without an errno counts as a full disk when too little is free."""
+    code = _storage_errno(exc)
+    free = free_bytes(where)
+    if code is None:
+        if not any(marker in str(e) for e in _chain(exc) for marker in TORCH_SHORT_WRITE):
+            return None
+        if free is not None and free >= needed:
+            return CheckpointWriteError(f"cannot write checkpoint {where}: {_first_line(exc)} "
+                                        f"({_space(needed, free)})")
+        code = errno.ENOSPC
+    return CheckpointWriteError(f"cannot write checkpoint {where}: {os.strerror(code)} ({_space(needed, free)})")
+
+
+def not_enough_space(where: Path, needed: int) -> CheckpointWriteError | None:
+    """Checked before writing: a CheckpointWriteError if `needed` bytes do not fit under `where`."""
+    free = free_bytes(where)
+    if free is None or free >= needed:
+        return None
+    return CheckpointWriteError(f"cannot write checkpoint {where}: not enough space, nothing written "
+                                f"({_space(needed, free)})")
+
+
+def _space(needed: int, free: int | None) -> str:
+    has = "unknown" if free is None else f"{free} bytes ({_human(free)})"
+    return f"needs about {needed} bytes ({_human(needed)}), free: {has}"
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+def _chain(exc: BaseException):
+    """exc, its causes and contexts, and the per-rank failures DCP's CheckpointException gathers."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # DCP: {rank: (exception, stack summary)}
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) and f else f for f in failures.values()]
+
+
+def _storage_errno(exc: BaseException) -> int | None:
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+            return e.errno
+    return None
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on path's filesystem (None if it cannot be asked)."""
+    for p in (Path(path), *Path(path).parents):
+        try:
+            return shutil.disk_usage(p).free
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+    return None
+
+
+def manifest_bytes(path: Path) -> int | None:
+    """The bytes a committed checkpoint's files hold, from its manifest (no walk over its files)."""
+    try:
+        return sum(json.loads((Path(path) / "manifest.json").read_text()).values())
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def state_bytes(module, optimizer) -> int:
+    """A lower bound of a checkpoint's size before any exists: the weights and optimizer tensors.
+    Sharded tensors (DTensor) count their global size."""
+    tensors = list(module.parameters()) if module is not None else []
+    if optimizer is not None:
+        tensors += [v for state in getattr(optimizer, "state", {}).values() if isinstance(state, dict)
+                    for v in state.values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,13 +1,14 @@
-"""The `distrain` console script: train, export, plot."""
+"""The `distrain` console script: train, export, plot, prepare."""
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: distrain {train,export,plot} ...
+USAGE = """usage: distrain {train,export,plot,prepare} ...
 
   train  --config FILE [key=value ...]        train (same as python -m distrain.train)
-  export CHECKPOINT_DIR OUT.pt                write a checkpoint's model as a plain state_dict
+  export CHECKPOINT_DIR OUT [--format F]      a checkpoint's model as pt, safetensors or hf (save_pretrained)
   plot   RUN_DIR [RUN_DIR ...] --out FILE.png loss, accuracy and throughput curves
+  prepare --tokenizer T.json --out DIR FILE.. tokenize text/JSONL/Parquet into a token corpus
 """
 
 
@@ -29,6 +30,10 @@ def main(argv=None) -> int:
         from .plot import main as plot
 
         return plot(rest)
+    if command == "prepare":
+        from .prepare import main as prepare
+
+        return prepare(rest)
     print(f"distrain: error: unknown command '{command}'\n{USAGE}", file=sys.stderr, end="")
     return 2
 

@@ -165,19 +165,15 @@ def export_for_libraries(env: ClusterEnv) -> None:
 
 
 def torchrun_arguments(environ: Mapping[str, str] | None = None) -> list[str]:
-    """The torchrun options that place this node in its job, from the platform's variables.
-    torchrun reads the PET_* ones (Kubeflow's) by itself; the others are spelled out here."""
+    """The torchrun options that place this node of a Kubernetes job in the job, from the platform's
+    variables. torchrun reads the PET_* ones (Kubeflow's) by itself; the others are spelled out here."""
     env = os.environ if environ is None else environ
     platform = platform_of(env)
     if platform == "pytorchjob" and "PET_MASTER_ADDR" not in env and "PET_RDZV_ENDPOINT" not in env:
-        return [f"--master_addr={env.get('MASTER_ADDR', '127.0.0.1')}", f"--master_port={env.get('MASTER_PORT', 29500)}"]
+        return [f"--master_addr={env.get('MASTER_ADDR', '127.0.0.1')}",
+                f"--master_port={env.get('MASTER_PORT', 29500)}"]
     if platform == "indexed-job":
         return [f"--nnodes={env.get('NNODES', 1)}", f"--nproc_per_node={env.get('NPROC_PER_NODE', 'auto')}",
                 f"--node_rank={env['JOB_COMPLETION_INDEX']}", f"--master_addr={env.get('MASTER_ADDR', '127.0.0.1')}",
-                f"--master_port={env.get('MASTER_PORT', 29500)}"]
-    if platform == "skypilot":
-        gpus = int(env.get("SKYPILOT_NUM_GPUS_PER_NODE") or 0)
-        return [f"--nnodes={env.get('SKYPILOT_NUM_NODES', 1)}", f"--nproc_per_node={gpus or env.get('NPROC_PER_NODE', 1)}",
-                f"--node_rank={env['SKYPILOT_NODE_RANK']}", f"--master_addr={skypilot_head(env.get('SKYPILOT_NODE_IPS', ''))}",
                 f"--master_port={env.get('MASTER_PORT', 29500)}"]
     return []

@@ -6,22 +6,16 @@ into one line on stderr and exit code 2.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import yaml
 
+from .typed import ConfigError, apply_override, build_section, suggest
 
-class ConfigError(Exception):
-    """A user mistake in the config or the command line (exit code 2)."""
-
-    def __init__(self, key: str, problem: str):
-        self.key, self.problem = key, problem
-        super().__init__(f"config key '{key}': {problem}" if key else problem)
+__all__ = ["ConfigError", "Config", "load_config", "apply_override", "batch_layout", "to_dict", "to_yaml"]
 
 
 @dataclass
@@ -30,11 +24,15 @@ class RunConfig:
     dir: Optional[str] = None  # default runs/<name>
     seed: int = 0
     overwrite: bool = False  # with checkpoint.resume=never, allow reusing a run dir
+    lock_wait_s: float = 30.0  # how long a launch waits for a predecessor on the same run dir to exit
 
 
 @dataclass
 class ModelConfig:
     name: str = "mlp"
+    init_from: Optional[str] = None  # weights to start from on a fresh start: HF dir, .safetensors or .pt
+    init_strict: bool = True  # false: load the keys that match, leave the rest as built
+    lora: Optional[dict] = None  # {r, alpha, dropout, target_modules}: train LoRA adapters (peft) on a frozen base
     args: dict = field(default_factory=dict)  # builder kwargs, written beside `name`
 
 
@@ -83,6 +81,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     on_nonfinite: Literal["skip", "stop"] = "stop"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    loss: str = "task"  # task | model (the loss the model returns) | pkg.module:fn(output, batch) -> (sum, count)
 
 
 @dataclass
@@ -94,6 +93,7 @@ class StrategyConfig:
     timeout_s: int = 600
     shared_memory: bool = True  # CPU ranks all on one machine: gradients and per-step agreement through it
     deepspeed: dict = field(default_factory=dict)  # passthrough of extra DeepSpeed config keys
+    fsdp_blocks: list = field(default_factory=list)  # class names of the blocks FSDP2 shards one by one
 
 
 @dataclass
@@ -155,95 +155,17 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-def apply_override(raw: dict, item: str) -> None:
-    key, sep, text = item.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError("", f"override '{item}' must look like section.key=value")
-    try:
-        value = yaml.safe_load(text) if text else None
-    except yaml.YAMLError:
-        value = text
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(key, f"'{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
 def from_dict(raw: dict) -> Config:
     sections = {}
     for name, value in raw.items():
         if name not in _SECTION_TYPES:
-            raise ConfigError(name, f"unknown section{_suggest(name, _SECTION_TYPES)}")
+            raise ConfigError(name, f"unknown section{suggest(name, _SECTION_TYPES)}")
         if value is None:
             value = {}
         if not isinstance(value, dict):
             raise ConfigError(name, "must be a mapping")
-        sections[name] = _build_section(name, _SECTION_TYPES[name], value)
+        sections[name] = build_section(name, _SECTION_TYPES[name], value, _OPEN_SECTIONS)
     return Config(**sections)
-
-
-def _build_section(section: str, cls, values: dict):
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)} - {"args"}
-    kwargs, extra = {}, {}
-    for key, value in values.items():
-        full = f"{section}.{key}"
-        if key in known:
-            kwargs[key] = _coerce(full, value, hints[key])
-        elif section in _OPEN_SECTIONS and key != "args":
-            extra[key] = value
-        else:
-            raise ConfigError(full, f"unknown key{_suggest(key, known)}")
-    if section in _OPEN_SECTIONS:
-        kwargs["args"] = {**values.get("args", {}), **extra} if isinstance(values.get("args"), dict) else extra
-    return cls(**kwargs)
-
-
-def _coerce(key: str, value: Any, hint):
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        (inner,) = [o for o in options if o is not type(None)]
-        return _coerce(key, value, inner)
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        if isinstance(value, bool) and {"on", "off"} <= set(allowed):  # YAML 1.1 reads on/off as booleans
-            value = "on" if value else "off"
-        if value not in allowed:
-            raise ConfigError(key, f"must be one of {', '.join(map(str, allowed))} (got {value!r}){_suggest(str(value), allowed)}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"must be true or false (got {value!r})")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"must be an integer (got {value!r})")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"must be a number (got {value!r})")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(key, f"must be a string (got {value!r})")
-        return str(value)
-    if hint in (list, dict):
-        if not isinstance(value, hint):
-            raise ConfigError(key, f"must be a {hint.__name__} (got {value!r})")
-        return value
-    raise TypeError(f"unsupported config type {hint} for {key}")
 
 
 def validate(cfg: Config) -> None:
@@ -263,8 +185,12 @@ def validate(cfg: Config) -> None:
     _non_negative("data.num_workers", d.num_workers)
     _non_negative("train.eval_every", t.eval_every)
     _positive("train.log_every", t.log_every)
+    if t.loss not in ("task", "model") and ":" not in t.loss:
+        raise ConfigError("train.loss", f"must be task, model or pkg.module:fn (got {t.loss!r})"
+                                        f"{suggest(t.loss, ('task', 'model'))}")
     _non_negative("train.gc_every", t.gc_every)
     _positive("strategy.timeout_s", cfg.strategy.timeout_s)
+    _non_negative("run.lock_wait_s", cfg.run.lock_wait_s)
     _non_negative("checkpoint.every_steps", cfg.checkpoint.every_steps)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     _non_negative("log.watchdog_s", cfg.log.watchdog_s)
@@ -324,9 +250,31 @@ def _non_negative(key, value):
         raise ConfigError(key, f"must be >= 0 (got {value})")
 
 
-def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
 _SECTION_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+# keys whose change alters the optimization; the world size and micro batch may change freely
+OPTIMIZATION_KEYS = ("model", "optim", "sched", "run.seed", "data.name", "data.global_batch_size",
+                     "train.grad_clip", "train.precision", "train.loss")
+RUNTIME_DATA_KEYS = {"root", "download", "micro_batch_size", "eval_batch_size", "num_workers"}
+# where a fresh start takes its weights from: a resume takes the checkpoint's
+START_ONLY_MODEL_KEYS = {"init_from", "init_strict"}
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """The keys, among those that alter the optimization, whose values differ between two resolved configs."""
+    changed = []
+    for key in OPTIMIZATION_KEYS:
+        section, _, name = key.partition(".")
+        a, b = old.get(section, {}), new.get(section, {})
+        if name:  # a key added since the checkpoint was written is not compared
+            a, b = a.get(name, b.get(name)), b.get(name)
+            if a != b:
+                changed.append(key)
+        else:
+            changed += [f"{section}.{k}" for k in sorted(set(a) | set(b))
+                        if a.get(k) != b.get(k) and not (section == "model" and k in START_ONLY_MODEL_KEYS)]
+    a, b = old.get("data", {}), new.get("data", {})
+    changed += [f"data.{k}" for k in sorted(set(a) | set(b))
+                if k not in RUNTIME_DATA_KEYS and f"data.{k}" not in changed and a.get(k) != b.get(k)]
+    return changed

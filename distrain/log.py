@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,13 +34,21 @@ class _FlushClock:
         return False
 
 
+def warn_unwritable(what: str, path, error: BaseException) -> None:
+    """A file the run cannot write (full disk, vanished mount): one line on the console, no traceback."""
+    reason = getattr(error, "strerror", None) or str(error)
+    print(f"distrain: warning: cannot write {what} {path} ({reason}); continuing without it", file=sys.stderr,
+          flush=True)
+
+
 class _LogFile(logging.FileHandler):
     """A rank's log file: warnings and errors go through at once, other lines at most
-    FLUSH_EVERY_S late. A flush from outside emit (the watchdog, close) is always real."""
+    FLUSH_EVERY_S late. A flush from outside emit (the watchdog, close) is always real.
+    A file that cannot be written (a full disk) is given up with one warning: the console goes on."""
 
     def __init__(self, path):
         super().__init__(path)
-        self._clock, self._due = _FlushClock(), True
+        self._clock, self._due, self._given_up = _FlushClock(), True, False
 
     def emit(self, record):
         self._due = self._clock.due(urgent=record.levelno >= logging.WARNING)
@@ -48,7 +57,41 @@ class _LogFile(logging.FileHandler):
 
     def flush(self):
         if self._due:
-            super().flush()
+            try:
+                super().flush()
+            except OSError as e:
+                self._give_up(e)
+
+    def handleError(self, record):
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            self._give_up(error)
+        else:  # a formatting mistake, not the file's fault
+            super().handleError(record)
+
+    def close(self):
+        try:
+            super().close()
+        except OSError:  # what was buffered is lost with the disk; the warning was given at the failure
+            pass
+
+    def _give_up(self, error) -> None:
+        for name in (LOGGER, "py.warnings", *LIBRARY_LOGGERS):
+            # a new list, not removeHandler: the logger may be iterating its list right now (this emit),
+            # and removing from it in place would skip the console handler after this one
+            logger = logging.getLogger(name)
+            logger.handlers = [h for h in logger.handlers if h is not self]
+        if not self._given_up:
+            self._given_up = True
+            warn_unwritable("the log file", self.baseFilename, error)
+            # the stream stays open for whoever holds it (the watchdog's stack dumps) but now leads to
+            # /dev/null: later flushes, and the final close, no longer fail
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self.stream.fileno())
+                os.close(devnull)
+            except (OSError, AttributeError, ValueError):
+                pass
 
 
 class _Below(logging.Filter):
@@ -66,11 +109,18 @@ def setup_logging(run_dir: Path, rank: int, world_size: int, level: str = "info"
     log = logging.getLogger(LOGGER)
     log.setLevel(logging.DEBUG)
     log.propagate = False
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    file_handler = _LogFile(run_dir / "logs" / f"rank{rank}.log")
-    file_handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"))
-    file_handler.setLevel(logging.DEBUG)
-    handlers = [file_handler]
+    path = run_dir / "logs" / f"rank{rank}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = _LogFile(path)
+    except OSError as e:
+        warn_unwritable("the log file", path, e)
+        file_handler = None
+    handlers = []
+    if file_handler is not None:
+        file_handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"))
+        file_handler.setLevel(logging.DEBUG)
+        handlers.append(file_handler)
     prefix = f"[rank{rank}] " if world_size > 1 and rank else ""
     err = logging.StreamHandler(sys.stderr)
     err.setLevel(logging.WARNING)
@@ -88,7 +138,7 @@ def setup_logging(run_dir: Path, rank: int, world_size: int, level: str = "info"
     logging.captureWarnings(True)
     for name in ("py.warnings", *LIBRARY_LOGGERS):
         lib = logging.getLogger(name)
-        lib.handlers = [file_handler] + ([err] if rank == 0 else [])
+        lib.handlers = ([file_handler] if file_handler else []) + ([err] if rank == 0 else [])
         lib.propagate = False
     return log
 
@@ -117,7 +167,12 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False):
         self.enabled = enabled
-        self._file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self._file = None
+        if enabled:
+            try:
+                self._file = open(run_dir / "metrics.jsonl", "a")
+            except OSError as e:
+                warn_unwritable("metrics", run_dir / "metrics.jsonl", e)
         self._clock = _FlushClock()
         self._tb = None
         if enabled and tensorboard:
@@ -131,18 +186,33 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
-        if self._clock.due(urgent=record.get("split") != "train"):  # eval lines at once
-            self._file.flush()
+        if self._file is not None:
+            try:
+                self._file.write(json.dumps(record) + "\n")
+                if self._clock.due(urgent=record.get("split") != "train"):  # eval lines at once
+                    self._file.flush()
+            except OSError as e:
+                self._give_up_file(e)
         if self._tb is not None:
             split = record.get("split", "train")
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
                     self._tb.add_scalar(f"{split}/{key}", value, record["step"])
 
+    def _give_up_file(self, error) -> None:
+        warn_unwritable("metrics", self._file.name, error)
+        file, self._file = self._file, None
+        try:
+            file.close()
+        except OSError:
+            pass
+
     def close(self) -> None:
         if self._file:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as e:
+                warn_unwritable("metrics", self._file.name, e)
         if self._tb:
             self._tb.close()
 

@@ -53,27 +53,29 @@ class Window:
         self.busy += busy
 
     def reduce(self, comm) -> tuple[float, list[float]]:
-        """(global mean loss, per-rank busy seconds per step), in one all-reduce (none on one process)."""
+        """(global mean loss over the counted items, per-rank busy seconds per step), in one
+        all-reduce (none on one process)."""
         w, r = dist.world_size(), dist.rank()
-        busy, total = self.busy / max(self.steps, 1), self.loss_sum()
+        busy, (total, items) = self.busy / max(self.steps, 1), self.sums()
         per_rank = [busy]
         if w > 1:
-            buf = torch.zeros(1 + w, dtype=torch.float64)
-            buf[0], buf[1 + r] = total, busy
+            buf = torch.zeros(2 + w, dtype=torch.float64)
+            buf[0], buf[1], buf[2 + r] = total, items, busy
             buf = comm.all_reduce_sum(buf.to(comm.device)).cpu()
-            total, per_rank = buf[0].item(), buf[1:].tolist()
-        loss = total / max(self.samples, 1)
+            total, items, per_rank = buf[0].item(), buf[1].item(), buf[2:].tolist()
+        loss = total / max(items, 1)
         return (loss if math.isfinite(loss) else float("nan")), per_rank
 
-    def loss_sum(self) -> float:
-        """Sum over micro-batches of mean loss x samples. Losses are floats where the step ran on
-        the CPU (reading one there costs nothing) and device tensors elsewhere (read here, once)."""
+    def sums(self) -> tuple[float, float]:
+        """(sum over micro-batches of mean loss x items, items). Losses are floats where the step ran
+        on the CPU (reading one there costs nothing) and device tensors elsewhere (read here, once)."""
         if not self.losses:
-            return 0.0
+            return 0.0, 0.0
+        counts = torch.tensor([float(n) for _, n in self.losses], dtype=torch.float64)
         if isinstance(self.losses[0][0], float):
-            return sum(m * n for m, n in self.losses)
+            return sum(m * n for m, n in zip((m for m, _ in self.losses), counts.tolist())), counts.sum().item()
         means = torch.stack([m.float() for m, _ in self.losses]).double().cpu()
-        return (means * torch.tensor([n for _, n in self.losses], dtype=torch.float64)).sum().item()
+        return (means * counts).sum().item(), counts.sum().item()
 
 
 def typical(busy: list[float]) -> float:

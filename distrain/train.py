@@ -48,14 +48,17 @@ def main(argv=None) -> int:
 def run(cfg, env) -> int:
     import torch
 
-    from . import dist
+    from . import dist, weights
     from .checkpoint import Checkpointer
+    from .checkpoint_io import CheckpointWriteError
+    from .export import write_final
     from .config import ConfigError, batch_layout, to_dict, to_yaml
     from .data import build_datasets
     from .log import MetricsWriter, close_logging, log_file_stream, setup_logging
     from .models import build_model
     from .optim import build_optimizer
     from .preempt import Preemption
+    from .rundir import space_warning
     from .strategies import StrategyContext, spec
     from .trainer import Data, Parts, Trainer
     from .watchdog import Watchdog
@@ -70,18 +73,25 @@ def run(cfg, env) -> int:
     with warnings.catch_warnings(record=True) as early_warnings:  # shown once logging knows the rank
         warnings.simplefilter("default")
         train_set, eval_set, meta = build_datasets(cfg.data)
-        module = build_model(cfg.model, {k: v for k, v in meta.items() if k != "task"},
-                             cfg.train.activation_checkpointing)
+        module = build_model(cfg.model, meta, cfg.train.activation_checkpointing)
     checkpointer = Checkpointer(cfg.checkpoint, cfg.run_dir, env, strategy_spec.checkpoint_format, to_dict(cfg))
     checkpointer.check_run_dir()  # before any process waits on another: a refusal is a config error
+    init = weights.plan_for_run(cfg.model, cfg.checkpoint, checkpointer.root, module)  # a bad file: exit 2 here
 
     dist.init(env, backend, device, cfg.strategy.timeout_s, needs_group=strategy_spec.needs_group)
     comm = dist.Collectives(device if backend == "nccl" else torch.device("cpu"),
                             host=_host_group(cfg, device) if dist.active() else None)
     run_dir = cfg.run_dir
+    lock, cleared = _claim_run_dir(cfg, env, comm, checkpointer)  # before anything is written there
     log = setup_logging(run_dir, env.rank, env.world_size, cfg.log.level)
     for w in early_warnings:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    for note in lock.notes if lock else ():
+        log.warning("%s", note)
+    if cleared:
+        log.info("removed what interrupted saves left in %s: %s", checkpointer.root, ", ".join(cleared))
+    if env.is_main and (short_of_space := space_warning(checkpointer.root)):
+        log.warning("%s", short_of_space)
     metrics = watchdog = preemption = None
     failed = False
     try:
@@ -93,14 +103,18 @@ def run(cfg, env) -> int:
                               cfg.data.global_batch_size, cfg.train.precision, cfg.train.compile,
                               cfg.train.grad_clip, cfg.checkpoint.async_save)
         strategy = strategy_spec.build(ctx)
+        if init and not strategy_spec.init_sharded:
+            init.load(module)
         strategy.setup(module, lambda params, fused=False: build_optimizer(cfg.optim, params, fused))
+        if init and strategy_spec.init_sharded:  # each rank reads only the slices it holds
+            init.load(strategy.module)
         metrics = MetricsWriter(run_dir, env.is_main, cfg.log.tensorboard)
         preemption = Preemption(cfg.checkpoint.preempt_signals, comm.stop_agreement())
         watchdog = Watchdog(cfg.log.watchdog_s, env.rank, env.world_size, dist.default_store(), log_file_stream()) \
             if cfg.log.watchdog_s else None
         trainer = Trainer(cfg, strategy, Data(train_set, eval_set, meta, micro, device),
                           Parts(comm, checkpointer, metrics, preemption, watchdog), interactive=env.interactive)
-        checkpointer.track(comm, strategy, trainer=trainer)
+        checkpointer.track(comm, strategy, trainer=trainer, **weights.frozen_source(init, module))
 
         def record_config():  # once a resume is accepted: a refused one leaves the run's own config in place
             if env.is_main:
@@ -112,7 +126,9 @@ def run(cfg, env) -> int:
             log.warning("exiting with code %d: checkpointed after a preemption signal; requeue to resume",
                         PREEMPTED_EXIT_CODE)
             return PREEMPTED_EXIT_CODE
-        checkpointer.export_final(strategy.full_state())  # collective
+        final_state = strategy.full_state()  # collective
+        final_state = write_final(final_state, strategy.module, run_dir / "final", env.is_main)
+        checkpointer.export_final(final_state)  # collective
         _log_summary(log, summary, run_dir)
         return 0
     except ConfigError:
@@ -122,6 +138,9 @@ def run(cfg, env) -> int:
         if preemption is not None:  # a launcher tearing the job down now gets the default SIGTERM
             preemption.uninstall()
         log.debug("%s", traceback.format_exc())
+        if isinstance(e, CheckpointWriteError):  # the storage, not the code: the message is the whole story
+            log.error("training stopped on rank %d: %s", env.rank, e)
+            return 1
         logging.getLogger("distrain").error("training failed on rank %d: %s: %s (traceback in %s)", env.rank,
                                             type(e).__name__, e, run_dir / "logs" / f"rank{env.rank}.log")
         return 1
@@ -135,6 +154,40 @@ def run(cfg, env) -> int:
         if not (failed and env.world_size > 1):
             dist.shutdown()
         close_logging()
+        if lock is not None:
+            lock.release()
+
+
+def _claim_run_dir(cfg, env, comm, checkpointer):
+    """Global rank 0 takes the run directory's lock (waiting run.lock_wait_s for a predecessor that is
+    still exiting) and clears what interrupted saves left; the other ranks follow its decision, so a
+    refusal is exit 2 on every rank. Returns (the lock on rank 0 else None, the names removed)."""
+    from . import dist
+    from .config import ConfigError
+    from .rundir import RunDirLock, clear_for_start
+
+    # the other ranks wait for rank 0's answer in a collective, which gives up after strategy.timeout_s
+    wait_s = cfg.run.lock_wait_s if env.world_size == 1 else min(cfg.run.lock_wait_s, cfg.strategy.timeout_s / 2)
+
+    def waiting(holder):
+        print(f"distrain: {cfg.run_dir} is in use by {holder}; waiting up to {wait_s:g} s for it to exit", flush=True)
+
+    lock, cleared, refusal = None, [], None
+    if env.is_main:
+        try:
+            lock = RunDirLock.acquire(cfg.run_dir, wait_s, on_wait=waiting)
+            start_over = cfg.checkpoint.resume == "never" and cfg.run.overwrite
+            cleared = clear_for_start(checkpointer.root, start_over)
+        except ConfigError as e:
+            refusal = e
+        except OSError as e:
+            refusal = ConfigError("run.dir", f"cannot prepare {cfg.run_dir}: {e.strerror or e}")
+    if not comm.agree(refusal is None):
+        if lock is not None:
+            lock.release()
+        dist.shutdown()
+        raise refusal or ConfigError("run.dir", f"{cfg.run_dir} is in use (rank 0 names the holder)")
+    return lock, cleared
 
 
 def _host_group(cfg, device):

@@ -13,13 +13,15 @@ import torch
 
 from . import collector, dist
 from .checkpoint import weights_finite
+from .config import ConfigError
+from .data.batch import call_model, check_batch, collate_fn
 from .data.loader import StepLoader
 from .data.sampler import ResumableSampler
-from .evaluate import evaluate
+from .evaluate import evaluate, fetch
 from .metrics import Window, flops_per_sample, peak_flops, peak_memory_mb, stragglers, typical
+from .objectives import StepScale, build_objective, items_per_sample
 from .optim import lr_at, set_lr
 from .progress import Progress
-from .tasks import mean_loss
 from .watchdog import NoWatchdog
 
 log = logging.getLogger("distrain")
@@ -73,7 +75,8 @@ class Phases:
 
 class Trainer:
     def __init__(self, cfg, strategy, data: Data, parts: Parts, interactive: bool = False):
-        self.cfg, self.strategy, self.meta, self.eval_set = cfg, strategy, data.meta, data.eval
+        self.cfg, self.strategy, self.meta = cfg, strategy, data.meta
+        self.train_set, self.eval_set, self.collate = data.train, data.eval, collate_fn(data.meta)
         self.comm, self.checkpointer, self.metrics = parts.comm, parts.checkpointer, parts.metrics
         self.preemption, self.watchdog = parts.preemption, parts.watchdog or NoWatchdog()
         self.phases = Phases(self.watchdog)
@@ -82,15 +85,18 @@ class Trainer:
         self.world_size, self.rank = dist.world_size(), dist.rank()
         self.sampler = ResumableSampler(len(data.train), cfg.data.global_batch_size, data.micro_batch,
                                         self.world_size, self.rank, cfg.run.seed)
-        self.loader = StepLoader(data.train, self.sampler, self.device, cfg.data.num_workers, cfg.run.seed, self.rank)
+        self.loader = StepLoader(data.train, self.sampler, self.device, cfg.data.num_workers, cfg.run.seed, self.rank,
+                                 self.collate)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.steps_per_epoch
         self.step = 0
         self.skipped_steps = 0
         self.norms: list = []  # (step, 0-dim norm tensor) not yet read: read at log lines, checkpoints, the end
         self.last_eval: dict | None = None
         self.best_eval: dict | None = None
+        self.objective = build_objective(cfg.train.loss, data.meta["task"], strategy.module)
         # compiled with the model: the loss over a large vocabulary is a fused pass, not three kernels
-        self.loss = torch.compile(mean_loss) if cfg.train.compile else mean_loss
+        self.loss = torch.compile(self.objective.loss) if cfg.train.compile else self.objective.loss
+        self.scale = StepScale(self.objective, self.comm, self.world_size, items_per_sample(data.train, self.objective))
         self.flops_per_sample = flops_per_sample(strategy.module, data.meta)
         self.loss_on_host = self.device.type == "cpu"  # reading a CPU loss waits for nothing
         self.peak_flops = peak_flops(self.device)
@@ -107,6 +113,7 @@ class Trainer:
     def fit(self, on_start=None) -> dict:
         """Resume if there is something to resume, call `on_start()`, then train to the end."""
         try:
+            self.check_first_batch()
             self.resume()
             if on_start is not None:
                 on_start()
@@ -114,6 +121,23 @@ class Trainer:
         finally:
             self.loader.close()
             self.watchdog.phase = "done"
+
+    def check_first_batch(self) -> None:
+        """Before anything is written: the first samples, batched, through the model and the loss,
+        so that a batch the model cannot take, or an output the loss cannot use, is a config
+        error naming the key or the model (exit 2), not a failure at step 1."""
+        try:
+            batch = fetch(self.train_set, range(min(2, len(self.train_set))), self.device, self.collate)
+        except (RuntimeError, TypeError, ValueError) as e:  # torch's default collate on ragged samples, say
+            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError("data.name", f"the first training samples do not make a batch ({first_line}); samples "
+                                           "of different shapes need a padding collator as meta['collate']")
+        check_batch(self.strategy.module, batch)
+        model = self.strategy.model
+        model.eval()  # no dropout draw, no batch-norm update: the run's state is untouched
+        with torch.no_grad(), self.strategy.micro_step(sync=True):
+            self.objective.loss(call_model(model, batch), batch)
+        model.train()
 
     def resume(self) -> None:
         path = self.checkpointer.maybe_resume()
@@ -169,23 +193,30 @@ class Trainer:
         with phase("data"):
             batch, micro = self.loader.next_step()
         set_lr(s.optimizer, lr_at(self.step, self.cfg.optim.lr, self.cfg.sched, self.total_steps))
-        losses = []  # (micro-batch mean loss, samples) pairs, summed only at log lines
+        with phase("count"):
+            scale = self.scale.before(batch, micro)  # 1 / the step's item count over all ranks (objectives)
+        losses = []  # (micro-batch mean loss, items) pairs, summed only at log lines
         last = len(micro) - 1
-        for i, ((x, y), real) in enumerate(zip(micro, batch.real)):
+        for i, (mb, real) in enumerate(zip(micro, batch.real)):
             with s.micro_step(sync=i == last):
                 with phase("forward"):
-                    loss = self.loss(self.meta["task"], s.model(x), y)
+                    loss_sum, count = self.loss(call_model(s.model, mb), mb)
                 with phase("backward"):
-                    # weight each micro-batch by its share of the global batch, so that the gradient mean
-                    # over ranks is the mean over the global batch however it is split (1.0: one micro-batch
-                    # per rank and equal shares, the common case, where this is the plain mean loss)
-                    weight = real * self.world_size / batch.global_size
-                    s.backward(loss if weight == 1.0 else loss * weight)
+                    # every micro-batch's sum over the global count: the gradient is the mean over the
+                    # global batch's items however they are split (a stand-in micro-batch counts nothing)
+                    s.backward(loss_sum * (scale if real else 0.0))
             if real:
-                losses.append((loss.item() if self.loss_on_host else loss.detach(), real))
+                losses.append(self.mean_and_count(loss_sum, count))
+        grad_scale = self.scale.after(batch, [n for _, n in losses])  # counts known only now: rescale
         with phase("optimizer"):
-            self.norms.append((self.step + 1, s.step(self.cfg.train.grad_clip)))
+            self.norms.append((self.step + 1, s.step(self.cfg.train.grad_clip, grad_scale)))
         return losses, batch.global_size
+
+    def mean_and_count(self, loss_sum, count):
+        if self.loss_on_host:
+            count = int(count)
+            return loss_sum.item() / max(count, 1), count
+        return loss_sum.detach() / torch.clamp(count, min=1), count
 
     def read_norms(self) -> float:
         """The newest step's gradient norm; accounts for the steps whose update was skipped since
@@ -216,7 +247,7 @@ class Trainer:
                   "step_time_s": window.time / window.steps, "data_wait_s": window.data_wait / window.steps,
                   "samples_per_s": samples_per_s, "peak_memory_mb": peak_memory_mb(self.device),
                   "skipped_steps": self.skipped_steps}
-        if self.meta["task"] == "lm":
+        if self.meta["task"] == "lm" and "seq_len" in self.meta:
             record["tokens_per_s"] = samples_per_s * self.meta["seq_len"]
         if self.flops_per_sample and self.peak_flops:
             record["mfu"] = samples_per_s * self.flops_per_sample / (self.peak_flops * self.world_size)
@@ -234,8 +265,8 @@ class Trainer:
 
     def run_eval(self) -> dict:
         self.watchdog.phase = "eval"
-        result = evaluate(self.strategy, self.eval_set, self.meta["task"], self.cfg.data.eval_batch_size,
-                          self.device, self.comm)
+        result = evaluate(self.strategy, self.eval_set, self.objective, self.cfg.data.eval_batch_size,
+                          self.device, self.comm, self.collate)
         self.last_eval = {"step": self.step, **result}
         key = "accuracy" if "accuracy" in result else "loss"
         better = max if key == "accuracy" else min

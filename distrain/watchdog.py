@@ -19,7 +19,7 @@ import time
 
 log = logging.getLogger("distrain")
 
-PHASES = ("data", "forward", "backward", "optimizer", "eval", "checkpoint", "done")  # order within a step
+PHASES = ("data", "count", "forward", "backward", "optimizer", "eval", "checkpoint", "done")  # order within a step
 WATCHDOG_EXIT_CODE = 1
 FIRED, DUMPED = "distrain/watchdog/fired", "distrain/watchdog/dumped"
 

@@ -60,3 +60,53 @@ def test_nodelist_expansion(nodelist, hosts):
 
 def test_port_is_stable_per_job_and_differs_between_jobs():
     assert slurm_port("123") == slurm_port("123") != slurm_port("124")
+
+
+# The variables each platform sets in its pods or nodes, as their operators write them.
+TRAINJOB = {"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "1", "JOB_COMPLETION_INDEX": "1",
+            "PET_MASTER_ADDR": "distrain-node-0-0.distrain", "PET_MASTER_PORT": "29400"}
+PYTORCHJOB = {"PET_NNODES": "3", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "2", "RANK": "2", "WORLD_SIZE": "3",
+              "MASTER_ADDR": "distrain-master-0", "MASTER_PORT": "23456"}
+INDEXED_JOB = {"JOB_COMPLETION_INDEX": "1", "NNODES": "2", "MASTER_ADDR": "distrain-0.distrain", "MASTER_PORT": "29400"}
+SKYPILOT = {"SKYPILOT_NODE_RANK": "1", "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6",
+            "SKYPILOT_NUM_GPUS_PER_NODE": "1"}
+
+
+@pytest.mark.parametrize("variables, platform, rank, world_size, master", [
+    (TRAINJOB, "kubeflow", 1, 2, ("distrain-node-0-0.distrain", 29400)),
+    (PYTORCHJOB, "pytorchjob", 2, 3, ("distrain-master-0", 23456)),
+    (INDEXED_JOB, "indexed-job", 1, 2, ("distrain-0.distrain", 29400)),
+    (SKYPILOT, "skypilot", 1, 2, ("10.0.0.5", 29500)),
+])
+def test_one_process_per_node_started_by_a_platform(variables, platform, rank, world_size, master):
+    env = detect(variables)
+    assert (env.platform, env.kind, env.rank, env.world_size, env.node_rank, env.local_rank) == \
+        (platform, "torchrun", rank, world_size, rank, 0)
+    assert (env.master_addr, env.master_port) == master and env.distributed
+
+
+@pytest.mark.parametrize("variables, platform", [
+    (TRAINJOB, "kubeflow"), (PYTORCHJOB, "pytorchjob"), (INDEXED_JOB, "indexed-job"), (SKYPILOT, "skypilot"),
+    ({"SLURM_JOB_ID": "5", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"}, "slurm"), ({}, "torchrun"),
+])
+def test_torchrun_in_front_of_a_platform_keeps_its_ranks_and_names_the_platform(variables, platform):
+    # torchrun sets the worker's own variables and passes the platform's on
+    torchrun = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1234", "TORCHELASTIC_RUN_ID": "x"}
+    env = detect({**variables, **torchrun})
+    assert (env.platform, env.kind, env.rank, env.local_rank, env.world_size) == (platform, "torchrun", 3, 1, 4)
+
+
+@pytest.mark.parametrize("variables", [
+    {**TRAINJOB, "PET_NPROC_PER_NODE": "4"}, {**PYTORCHJOB, "PET_NNODES": "1:3"},
+    {**INDEXED_JOB, "NPROC_PER_NODE": "8"}, {**SKYPILOT, "SKYPILOT_NUM_GPUS_PER_NODE": "8"},
+])
+def test_several_processes_per_node_are_not_taken_for_one(variables):
+    # those need torchrun in front (as the manifests run it): a lone process is not rank `node_rank`
+    env = detect(variables)
+    assert (env.kind, env.world_size, env.rank) == ("single", 1, 0)
+
+
+def test_platform_of_a_plain_process_is_single():
+    assert detect({}).platform == "single"
+    assert detect({"SLURM_JOB_ID": "9"}).platform == "slurm"

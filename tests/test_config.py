@@ -75,7 +75,8 @@ def test_print_config_resolves_overrides(capsys, tmp_path):
     assert train_inprocess(["--config", DEMO, "--print-config", "optim.lr=0.5", "model.hidden=[8]"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["optim"]["lr"] == 0.5
-    assert printed["model"] == {"name": "mlp", "hidden": [8]}
+    assert printed["model"] == {"name": "mlp", "init_from": None, "init_strict": True, "lora": None,
+                                "hidden": [8]}
     assert printed["data"]["global_batch_size"] == 64
     (tmp_path / "printed.yaml").write_text(yaml.safe_dump(printed))
     assert to_dict(load_config(str(tmp_path / "printed.yaml"))) == printed  # what is printed loads back the same

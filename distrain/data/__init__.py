@@ -4,8 +4,11 @@ from __future__ import annotations
 from ..config import DataConfig
 from ..imports import call_with, resolve
 from .datasets import cifar10, digits, mnist, synthetic, text
+from .hf_datasets import hf_dataset
+from .tokens import prepared_corpus
 
-DATASETS = {"digits": digits, "mnist": mnist, "cifar10": cifar10, "synthetic": synthetic, "text": text}
+DATASETS = {"digits": digits, "mnist": mnist, "cifar10": cifar10, "synthetic": synthetic, "text": text,
+            "tokens": prepared_corpus, "hf_datasets": hf_dataset}
 
 
 def build_datasets(cfg: DataConfig):

@@ -7,17 +7,20 @@ import random
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
+from .batch import to_device
 from .sampler import ResumableSampler, StepBatch
 
 
 class StepLoader:
-    """Yields, for each optimizer step, the StepBatch and this rank's micro-batches on the device."""
+    """Yields, for each optimizer step, the StepBatch and this rank's micro-batches on the device:
+    tuples, or dicts of tensors (data.batch), made by `collate` (the data builder's, if it gave one)."""
 
-    def __init__(self, dataset, sampler: ResumableSampler, device: torch.device, num_workers: int, seed: int, rank: int):
+    def __init__(self, dataset, sampler: ResumableSampler, device: torch.device, num_workers: int, seed: int, rank: int,
+                 collate=default_collate):
         self.dataset, self.sampler, self.device = dataset, sampler, device
-        self.num_workers, self.seed, self.rank = num_workers, seed, rank
+        self.num_workers, self.seed, self.rank, self.collate = num_workers, seed, rank, collate
         self._iter = None
 
     def next_step(self) -> tuple[StepBatch, list[tuple]]:
@@ -49,8 +52,8 @@ class StepLoader:
         self.sampler_copy.load_state_dict(self.sampler.state_dict())
         g = torch.Generator().manual_seed(self.seed * 1000 + self.rank)
         loader = DataLoader(self.dataset, batch_sampler=index_stream(), num_workers=self.num_workers,
-                            worker_init_fn=_seed_worker, generator=g, pin_memory=self.device.type == "cuda",
-                            persistent_workers=False)
+                            collate_fn=self.collate, worker_init_fn=_seed_worker, generator=g,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False)
         it = iter(loader)
         try:
             while True:
@@ -58,7 +61,7 @@ class StepLoader:
                 step = pending.popleft()
                 micro = [first] + [next(it) for _ in range(len(step.micro_batches) - 1)]
                 self.sampler.next_step()
-                yield step, [tuple(t.to(self.device, non_blocking=True) for t in m) for m in micro]
+                yield step, [to_device(m, self.device) for m in micro]
         finally:
             del it  # stops the worker processes now, not at interpreter exit
 

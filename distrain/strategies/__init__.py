@@ -45,9 +45,9 @@ class Strategy(Protocol):
     # one micro-batch's forward and backward: gradient sync on the step's last one only, autocast
     def micro_step(self, sync: bool) -> ContextManager: ...
     def backward(self, loss: torch.Tensor) -> None: ...
-    # clip, update unless non-finite, clear grads; the pre-clip global norm as a 0-dim tensor, read by the
-    # caller when it likes (non-finite: the update was not applied)
-    def step(self, grad_clip: float | None) -> torch.Tensor: ...
+    # multiply the gradients by grad_scale (when given), clip, update unless non-finite, clear grads; the
+    # pre-clip global norm as a 0-dim tensor, read by the caller when it likes (non-finite: not applied)
+    def step(self, grad_clip: float | None, grad_scale: float | None = None) -> torch.Tensor: ...
     # collective; blocking=False may return a Future that completes when the files are written
     def save(self, path: Path, blocking: bool = True) -> Future | None: ...
     def load(self, path: Path) -> None: ...  # collective
@@ -65,6 +65,7 @@ class Spec:
     first_gpu: bool = False  # the process drives every visible GPU from the first one
     fp16: bool = True
     offload: bool = False
+    init_sharded: bool = False  # model.init_from goes into the sharded parameters after setup, slice by slice
 
     def build(self, ctx: StrategyContext) -> Strategy:
         module, _, name = self.factory.partition(":")
@@ -91,7 +92,7 @@ STRATEGIES = {
     "single": Spec("single", "replicated:single", "full", needs_group=False, one_process=True),
     "dp": Spec("dp", "replicated:data_parallel", "full", needs_group=False, one_process=True, first_gpu=True),
     "ddp": Spec("ddp", "replicated:ddp", "full", needs_group=True),
-    "fsdp": Spec("fsdp", "fsdp:Fsdp", "dcp", needs_group=True, async_save=True, fp16=False),
+    "fsdp": Spec("fsdp", "fsdp:Fsdp", "dcp", needs_group=True, async_save=True, fp16=False, init_sharded=True),
     "deepspeed": Spec("deepspeed", "deepspeed:DeepSpeed", "deepspeed", needs_group=True, offload=True),
 }
 

@@ -21,7 +21,8 @@ def grad_scaler(device: torch.device, precision: str):
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
-def optimizer_step(optimizer, params: list, grad_clip: float | None, scaler=None) -> torch.Tensor:
+def optimizer_step(optimizer, params: list, grad_clip: float | None, scaler=None,
+                   grad_scale: float | None = None) -> torch.Tensor:
     """Clip (or only measure), update unless a gradient is non-finite, clear the gradients.
 
     Returns the pre-clip global gradient norm as a 0-dim tensor, whatever the device; a
@@ -31,6 +32,8 @@ def optimizer_step(optimizer, params: list, grad_clip: float | None, scaler=None
     if scaler is not None:
         scaler.unscale_(optimizer)
     grads = [p.grad for p in params if p.grad is not None]
+    if grad_scale is not None and grads:  # a loss whose item count was known only after the backward
+        torch._foreach_mul_(grads, grad_scale)
     norm = total_norm(grads)
     if grad_clip:
         nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], grad_clip, norm)
@@ -65,7 +68,7 @@ def maybe_compile(module: nn.Module, enabled: bool) -> nn.Module:
 
 def save_full(path: Path, module: nn.Module, optimizer, scaler) -> None:
     """The whole model and optimizer state as one plain file (tensors and containers only)."""
-    state = {"model": module.state_dict(), "optimizer": optimizer.state_dict()}
+    state = {"model": without_frozen(module.state_dict(), module), "optimizer": optimizer.state_dict()}
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     torch.save(state, path / "model.pt")
@@ -78,10 +81,31 @@ def load_full(path: Path, module: nn.Module, optimizer, scaler, device) -> None:
     # the file is mapped, and copied from the page cache straight to the device
     state = safe_load(path / "model.pt", mmap=device.type != "cpu")
     adopt_tensors(module, state["model"])
-    module.load_state_dict(state["model"])
+    load_model_state(module, state["model"])
     optimizer.load_state_dict(state["optimizer"])  # on the parameters' device and dtype it keeps them as given
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
+
+
+def frozen_names(module: nn.Module) -> set[str]:
+    """Parameters that do not train. Checkpoints leave them out: the model's build (with
+    model.init_from) restores them, which keeps a LoRA checkpoint the size of its adapters."""
+    return {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def without_frozen(state: dict, module: nn.Module) -> dict:
+    frozen = frozen_names(module)
+    return {k: v for k, v in state.items() if k not in frozen} if frozen else state
+
+
+def load_model_state(module: nn.Module, state: dict) -> None:
+    """load_state_dict, where only the frozen parameters may be absent."""
+    frozen = frozen_names(module)
+    result = module.load_state_dict(state, strict=not frozen)
+    absent = [k for k in result.missing_keys if k not in frozen]
+    if absent or result.unexpected_keys:
+        raise RuntimeError(f"the checkpoint's model does not match: missing {absent[:3]}, "
+                           f"unexpected {result.unexpected_keys[:3]}")
 
 
 def adopt_tensors(module: nn.Module, state: dict) -> None:

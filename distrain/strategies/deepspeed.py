@@ -2,6 +2,7 @@
 and only when this strategy is chosen."""
 from __future__ import annotations
 
+import contextlib
 
 import torch
 
@@ -46,8 +47,9 @@ class HalfInputs(torch.nn.Module):
         super().__init__()
         self.engine, self.dtype = engine, dtype
 
-    def forward(self, *inputs):
-        return self.engine(*(x.to(self.dtype) if torch.is_floating_point(x) else x for x in inputs))
+    def forward(self, *inputs, **named):
+        cast = lambda x: x.to(self.dtype) if torch.is_tensor(x) and torch.is_floating_point(x) else x  # noqa: E731
+        return self.engine(*map(cast, inputs), **{k: cast(v) for k, v in named.items()})
 
 
 class DeepSpeed:
@@ -84,26 +86,45 @@ class DeepSpeed:
     def backward(self, loss) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the trainer already normalised the loss
 
-    def step(self, grad_clip):
-        self.engine.step()
+    def step(self, grad_clip, grad_scale=None):
+        with scaled_gradients(self.engine, grad_scale):
+            self.engine.step()
         norm = self.engine.get_global_grad_norm()  # inf when DeepSpeed skipped a non-finite step
         return torch.tensor(float("nan") if norm is None else float(norm))
 
     def full_state(self) -> dict:
         """fp32 master weights (not the 16-bit compute copy), gathered over ranks; collective."""
+        import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
-        state = {}
-        for name, p in self.module.named_parameters():
-            full = safe_get_full_fp32_param(p)
-            state[name] = (full if full is not None else p.detach()).float().cpu().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+        state, gathered = {}, {}
+        # a tied weight (an embedding reused as the output head) goes out under each of its names,
+        # as the module's own state_dict has it; it is gathered once
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            if id(p) not in gathered:
+                full = safe_get_full_fp32_param(p)
+                if full is None and hasattr(p, "ds_id"):  # frozen under ZeRO-3: no fp32 master, only partitions
+                    with deepspeed.zero.GatheredParameters([p]):
+                        full = p.detach().clone()
+                gathered[id(p)] = (full if full is not None else p.detach()).float().cpu().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+            state[name] = gathered[id(p)]
         for name, b in self.module.named_buffers():
             state[name] = b.detach().cpu()
         return {k: state[k] for k in self.module.state_dict() if k in state}
 
     def save(self, path, blocking=True) -> None:
-        self.engine.save_checkpoint(str(path / "deepspeed"), tag="state")  # every rank writes its partition
+        # every rank writes its partition; `latest` is not needed (loads name the tag), one write fewer to fail
+        with writes_kept_in_step(self.engine.checkpoint_engine) as write_errors:
+            try:
+                # frozen parameters are left out: the model's build restores them
+                self.engine.save_checkpoint(str(path / "deepspeed"), tag="state", save_latest=False,
+                                            exclude_frozen_parameters=bool(common.frozen_names(self.module)))
+            except OSError as e:  # a file it writes itself (a script copy): they come last, before the
+                write_errors.append(e)  # final barrier the other ranks wait in
+                torch.distributed.barrier()
         universal = self._gather_universal()  # collective
+        if write_errors:
+            raise write_errors[0]
         if self.ctx.env.is_main:
             torch.save(universal, path / "deepspeed" / "universal.pt")
 
@@ -112,7 +133,8 @@ class DeepSpeed:
 
         universal = safe_load(path / "deepspeed" / "universal.pt")
         if universal["world_size"] == self.ctx.env.world_size:
-            self.engine.load_checkpoint(str(path / "deepspeed"), tag="state")  # bitwise, DeepSpeed's own
+            self.engine.load_checkpoint(str(path / "deepspeed"), tag="state",  # bitwise, DeepSpeed's own
+                                        load_module_strict=not common.frozen_names(self.module))
         else:
             self._scatter_universal(universal)
 
@@ -123,7 +145,7 @@ class DeepSpeed:
         keys = self._optimizer_state_keys()
         out = {"world_size": self.ctx.env.world_size, "step": self._optimizer_step(), "params": {},
                **{k: {} for k in keys}}
-        for name, p in self.module.named_parameters():
+        for name, p in self._trainable().items():
             out["params"][name] = safe_get_full_fp32_param(p).cpu()
             for k in keys:
                 out[k][name] = safe_get_full_optimizer_state(p, k).cpu()
@@ -135,7 +157,7 @@ class DeepSpeed:
 
         keys = [k for k in universal if k not in ("world_size", "step", "params")]
         self._materialize_optimizer_state(keys, universal["step"])
-        params = dict(self.module.named_parameters())
+        params = self._trainable()
         device = self.ctx.device
         for name, p in params.items():
             for k in [None, *keys]:
@@ -152,6 +174,9 @@ class DeepSpeed:
             with torch.no_grad():
                 for name, p in params.items():
                     p.data.copy_(universal["params"][name].to(p.device, p.dtype).reshape(p.shape))
+
+    def _trainable(self) -> dict:
+        return {name: p for name, p in self.module.named_parameters() if p.requires_grad}
 
     def _materialize_optimizer_state(self, keys: list[str], step: int) -> None:
         """torch optimizers create their state at the first step; a resumed run must have it before
@@ -189,8 +214,58 @@ def _set_zero3_partition(param, value, key) -> None:
     part.data[: chunk.numel()].copy_(chunk)
 
 
+@contextlib.contextmanager
+def scaled_gradients(engine, factor: float | None):
+    """Gradients multiplied by `factor` in the step, before DeepSpeed clips and measures them.
+    ZeRO optimizers hold the reduced gradients in their own partitions and divide them by the
+    loss scale there (the fp16 loss-scaling protocol, `loss_scale` settable on purpose): dividing
+    by scale / factor multiplies by factor, and the norm and clipping see the scaled gradient.
+    Without ZeRO the gradients are the parameters' own."""
+    if factor is None:
+        yield
+        return
+    zero = engine.optimizer
+    if not hasattr(zero, "loss_scale"):
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+        yield
+        return
+    before = zero.loss_scale
+    zero.loss_scale = before / factor
+    try:
+        yield
+    finally:  # a dynamic fp16 scale may have moved in the step: keep its move, drop our factor
+        after = zero.loss_scale
+        zero.loss_scale = before if after == before / factor else after * factor
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+@contextlib.contextmanager
+def writes_kept_in_step(checkpoint_engine):
+    """DeepSpeed's save_checkpoint has barriers between its writes: a rank whose write fails (a full
+    disk) and leaves it early would leave the others waiting there. Inside this block a failed write
+    is recorded in the yielded list and the rank's later writes are skipped, so every rank walks
+    through the same collectives; the caller raises the failure afterwards."""
+    failures, save = [], checkpoint_engine.save
+
+    def save_or_record(*args, **kwargs):
+        if failures:
+            return None
+        try:
+            return save(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised by the caller once the collectives are done
+            failures.append(e)
+            return None
+
+    checkpoint_engine.save = save_or_record
+    try:
+        yield failures
+    finally:
+        del checkpoint_engine.save  # the engine's own method again

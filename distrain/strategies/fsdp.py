@@ -11,12 +11,22 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from ..config import ConfigError
+from ..models.blocks import block_class_names, find_blocks, unknown_class_names
 from . import common
 
 
-def shard_units(module: nn.Module) -> list[nn.Module]:
-    """Sub-modules sharded on their own so their all-gathers overlap compute: transformer
-    blocks, ResNet stages; the root takes the rest."""
+def shard_units(module: nn.Module, block_classes: list | None = None) -> list[nn.Module]:
+    """Sub-modules sharded on their own so their all-gathers overlap compute: the blocks of the
+    named classes (strategy.fsdp_blocks), else a Hugging Face model's _no_split_modules, else
+    the built-in models' transformer blocks or ResNet stages; the root takes the rest."""
+    missing = unknown_class_names(module, block_classes or ())
+    if missing:
+        raise ConfigError("strategy.fsdp_blocks", f"{type(module).__name__} has no sub-module of class "
+                                                  f"{', '.join(missing)}")
+    names = list(block_classes or ()) or block_class_names(module)
+    if names:
+        return find_blocks(module, names)
     if isinstance(getattr(module, "blocks", None), nn.ModuleList):
         return list(module.blocks)
     return [getattr(module, f"layer{i}") for i in range(1, 5) if hasattr(module, f"layer{i}")]
@@ -30,7 +40,7 @@ class Fsdp:
         module.to(self.ctx.device)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.ctx.precision == "bf16" else MixedPrecisionPolicy()
-        for unit in shard_units(module):
+        for unit in shard_units(module, self.ctx.section.fsdp_blocks):
             fully_shard(unit, mp_policy=mp)
         fully_shard(module, mp_policy=mp)
         self.module = module
@@ -52,9 +62,9 @@ class Fsdp:
     def backward(self, loss) -> None:
         loss.backward()
 
-    def step(self, grad_clip):
+    def step(self, grad_clip, grad_scale=None):
         # the norm over all shards is how the ranks agree on skipping a non-finite step
-        return common.optimizer_step(self.optimizer, self.params, grad_clip)
+        return common.optimizer_step(self.optimizer, self.params, grad_clip, grad_scale=grad_scale)
 
     def full_state(self) -> dict:
         """The unsharded state on rank 0 (others get an empty dict); every rank must call it."""
@@ -64,6 +74,7 @@ class Fsdp:
         """Sharded DCP files. blocking=False stages the state in CPU memory (training waits only for
         this) and writes it in the background: the returned future completes when the files are written."""
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        model_state = common.without_frozen(model_state, self.module)
         state, where = {"model": model_state, "optim": optim_state}, str(path / "dcp")
         if blocking:
             dcp.save(state, checkpoint_id=where)
@@ -73,9 +84,10 @@ class Fsdp:
 
     def load(self, path) -> None:
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        state = {"model": common.without_frozen(model_state, self.module), "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))  # any key the checkpoint lacks is an error here
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=not common.frozen_names(self.module)))
 
 
 def staging_for(device: torch.device):

@@ -69,11 +69,11 @@ class Replicated:
     def backward(self, loss) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self, grad_clip):
+    def step(self, grad_clip, grad_scale=None):
         if self.average is not None:
             self.average()
         # replicas hold identical gradients after the all-reduce: a local finiteness check agrees on every rank
-        return common.optimizer_step(self.optimizer, self.params, grad_clip, self.scaler)
+        return common.optimizer_step(self.optimizer, self.params, grad_clip, self.scaler, grad_scale)
 
     def full_state(self) -> dict:
         return self.module.state_dict()

@@ -150,9 +150,13 @@ class BucketAllReduce:
         self.slots = slots
 
     def allreduce(self, bucket: torch.Tensor) -> torch.Tensor:
-        nbytes = bucket.numel() * bucket.element_size()
-        views = [[[slot[:nbytes].view(bucket.dtype)] for slot in by_rank] for by_rank in self.slots.buffer]
-        self.slots.average([bucket.view(-1)], views)
+        # slot-sized pieces: DDP's buckets may outgrow its cap (a whole 11M-parameter ResNet came as one)
+        flat, per_slot = bucket.view(-1), self.slots.buffer.shape[-1] // bucket.element_size()
+        for start in range(0, flat.numel(), per_slot):
+            piece = flat[start : start + per_slot]
+            nbytes = piece.numel() * piece.element_size()
+            views = [[[slot[:nbytes].view(bucket.dtype)] for slot in by_rank] for by_rank in self.slots.buffer]
+            self.slots.average([piece], views)
         return bucket
 
 

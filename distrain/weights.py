@@ -1,0 +1,259 @@
+"""Weights in from the formats others use (the way out is distrain.export).
+
+`model.init_from` names a Hugging Face directory (model.safetensors, or shards listed in
+model.safetensors.index.json), a .safetensors file, or a .pt / .bin state_dict. The
+safetensors files are read tensor by tensor; a parameter sharded over ranks (an FSDP2
+DTensor) reads only its own slice, so no rank holds the whole model's weights twice.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+
+INIT_KEY = "model.init_from"
+SHOWN_KEYS = 3  # how many missing / unexpected key names an error lists
+
+
+class WeightFiles:
+    """Named tensors in one or more files, read lazily: `read(name, index)` returns the whole
+    tensor or, with index (a tuple of slices), only that part of it."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.where: dict[str, object] = {}  # tensor name -> the open safetensors file, or a loaded state dict
+        self.files: list[Path] = []
+        if not self.path.exists():
+            raise ConfigError(INIT_KEY, f"no weights at {self.path}")
+        file = _weights_file(self.path) if self.path.is_dir() else self.path
+        if file.suffix == ".safetensors":
+            self._open_safetensors(file)
+        elif file.suffix == ".json":
+            self._open_index(file)
+        else:
+            self._open_torch(file)
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        source = self.where[name]
+        if isinstance(source, dict):
+            return tuple(source[name].shape)
+        return tuple(source.get_slice(name).get_shape())
+
+    def read(self, name: str, index: tuple | None = None) -> torch.Tensor:
+        source = self.where[name]
+        if isinstance(source, dict):
+            tensor = source[name]
+            return tensor if index is None else tensor[index]
+        if index is None or not index:
+            return source.get_tensor(name)
+        return source.get_slice(name)[index]
+
+    def _open_index(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(INIT_KEY, f"{index} is not a safetensors index (no readable weight_map: {e})")
+        for shard in sorted(set(weight_map.values())):
+            if not (index.parent / shard).is_file():
+                raise ConfigError(INIT_KEY, f"{index} lists {shard}, which is not in {index.parent}")
+            self._open_safetensors(index.parent / shard)
+
+    def _open_safetensors(self, file: Path) -> None:
+        from safetensors import safe_open
+
+        try:
+            handle = _open_for_reads(safe_open, file)
+            names = list(handle.keys())
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+            raise ConfigError(INIT_KEY, f"{file} is not a readable safetensors file: {str(e).splitlines()[0]}")
+        self.where.update(dict.fromkeys(names, handle))
+        self.files.append(file)
+
+    def _open_torch(self, file: Path) -> None:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input at fault
+            raise ConfigError(INIT_KEY, f"{file} is not a readable state_dict: {str(e).splitlines()[0]}")
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise ConfigError(INIT_KEY, f"{file} does not hold a state_dict (a mapping of names to tensors)")
+        self.where.update(dict.fromkeys(state, state))
+        self.files.append(file)
+
+
+def _open_for_reads(safe_open, file: Path):
+    """Reads with pread(2) where safetensors offers it: the bytes go straight into the tensor read,
+    and the file's pages do not count in the process's memory as mapped pages do (each rank's
+    peak then rises by the slice it reads, not also by the file pages it touched)."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu", backend="pread")
+    except TypeError:  # safetensors before 0.8: memory-mapped only
+        return safe_open(str(file), framework="pt", device="cpu")
+
+
+def _weights_file(directory: Path) -> Path:
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return directory / name
+    raise ConfigError(INIT_KEY, f"{directory} holds no model.safetensors, model.safetensors.index.json "
+                                "or pytorch_model.bin")
+
+
+def fresh_start(checkpoint_section, checkpoints_root: Path) -> bool:
+    """Whether this launch starts from scratch: a resume takes the checkpoint's weights instead."""
+    from .checkpoint import committed_steps
+
+    resume = checkpoint_section.resume
+    return resume == "never" or (resume == "auto" and not committed_steps(checkpoints_root))
+
+
+def plan_for_run(model_section, checkpoint_section, checkpoints_root: Path, module: nn.Module) -> InitWeights | None:
+    """What model.init_from puts into the model at this launch, or None: nothing on a resume, as
+    it takes the checkpoint's weights, except the frozen parameters checkpoints leave out."""
+    if model_section.init_from is None:
+        return None
+    frozen = any(not p.requires_grad for p in module.parameters())
+    if not (frozen or fresh_start(checkpoint_section, checkpoints_root)):
+        return None
+    return InitWeights(*plan_init(module, model_section.init_from, model_section.init_strict))
+
+
+class InitWeights:
+    """Planned initial weights: load them into the model, or hash their files."""
+
+    def __init__(self, files: WeightFiles, plan: dict[str, str]):
+        self.files, self.plan = files, plan
+        self._digest: str | None = None
+
+    def load(self, module: nn.Module) -> None:
+        load_planned(module, self.files, self.plan)
+
+    def digest(self) -> str:
+        if self._digest is None:
+            import hashlib
+
+            total = hashlib.sha256()
+            for file in sorted(self.files.files):
+                with open(file, "rb") as f:
+                    total.update(hashlib.file_digest(f, "sha256").digest())
+            self._digest = total.hexdigest()
+        return self._digest
+
+
+def frozen_source(init: InitWeights | None, module: nn.Module) -> dict:
+    """What checkpoints track for a model with frozen parameters (they leave those out): where
+    they came from, checked on resume. Empty for a model without any."""
+    if all(p.requires_grad for p in module.parameters()):
+        return {}
+    return {"frozen_from": FrozenSource(init)}
+
+
+class FrozenSource:
+    """The sha256 of model.init_from's files (None: the seeded build alone), kept in every
+    checkpoint and compared on resume, before anything is loaded."""
+
+    def __init__(self, init: InitWeights | None):
+        self.init = init
+
+    def state_dict(self) -> dict:
+        return {"path": str(self.init.files.path) if self.init else None,
+                "sha256": self.init.digest() if self.init else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass  # checked in check_compatible
+
+    def check_compatible(self, saved: dict | None) -> None:
+        if saved is None:
+            raise ConfigError(INIT_KEY, "the checkpoint records no source for the model's frozen parameters (a run "
+                                        "without any wrote it); resume with the configuration that wrote it")
+        mine = self.state_dict()
+        if saved["sha256"] == mine["sha256"]:
+            return
+        if saved["sha256"] is None or mine["sha256"] is None:
+            had = f"from {saved['path']}" if saved["path"] else "without model.init_from"
+            raise ConfigError(INIT_KEY, f"the checkpoint's frozen weights were built {had}; set it so again")
+        raise ConfigError(INIT_KEY, f"{mine['path']} is not the file the checkpoint's frozen weights came from "
+                                    f"({saved['path']}, sha256 {saved['sha256'][:12]}..., now "
+                                    f"{mine['sha256'][:12]}...); restore that file or start a new run")
+
+
+def plan_init(module: nn.Module, path, strict: bool = True) -> tuple[WeightFiles, dict[str, str]]:
+    """Open the weights and match them to the module's state: {file name: module name}. Names
+    that share one tensor (tied weights) are satisfied by any of them, as save_pretrained writes
+    a tied weight once. Around a peft model, the base model's own names match and the adapters
+    keep their initialisation. A mismatch is a ConfigError naming the first few keys, unless
+    strict is off; a shape mismatch is always one."""
+    files = WeightFiles(path)
+    available = set(files.names())
+    groups: dict[int, list[str]] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    plan, missing, known = {}, [], set()
+    for names in groups.values():
+        candidates = list(dict.fromkeys([*names, *map(base_name, names)]))
+        known.update(candidates)
+        found = [n for n in candidates if n in available]
+        if found:
+            plan[found[0]] = names[0]
+        elif not any(is_adapter(n) for n in names):
+            missing.append(base_name(names[0]))
+    unexpected = [n for n in files.names() if n not in known]
+    if strict and (missing or unexpected):
+        raise ConfigError(INIT_KEY, f"{path} does not match the model: {_some('missing', missing)}"
+                                    f"{'; ' if missing and unexpected else ''}{_some('unexpected', unexpected)} "
+                                    "(model.init_strict=false loads the matching keys only)")
+    targets = module.state_dict(keep_vars=True)
+    for file_name, name in plan.items():
+        if files.shape(file_name) != tuple(targets[name].shape):
+            raise ConfigError(INIT_KEY, f"{path}: {file_name} has shape {list(files.shape(file_name))}, the model's "
+                                        f"{name} {list(targets[name].shape)}")
+    return files, plan
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def base_name(name: str) -> str:
+    """A parameter's name in the model peft wraps (what a pretrained file holds)."""
+    return name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+
+
+def is_adapter(name: str) -> bool:
+    return any(part.startswith("lora_") for part in name.split("."))
+
+
+def load_planned(module: nn.Module, files: WeightFiles, plan: dict[str, str]) -> None:
+    """Copy the planned tensors into the module in place, cast to each parameter's dtype. A
+    DTensor (FSDP2) reads only the slice its rank holds."""
+    targets = module.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for file_name, name in plan.items():
+            target = targets[name]
+            if hasattr(target, "device_mesh"):
+                local = target.to_local()
+                if local.numel():
+                    local.copy_(files.read(file_name, local_index(target)))
+            else:
+                target.copy_(files.read(file_name))
+
+
+def local_index(dtensor) -> tuple[slice, ...]:
+    """Which part of the full tensor this rank's shard of a DTensor is. torch has no public
+    function for it; this is the one place that uses the private one."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(dtensor.shape, dtensor.device_mesh, dtensor.placements)
+    return tuple(slice(o, o + s) for o, s in zip(offset, shape))
+
+
+def _some(what: str, names: list[str]) -> str:
+    if not names:
+        return ""
+    more = f" (+{len(names) - SHOWN_KEYS} more)" if len(names) > SHOWN_KEYS else ""
+    return f"{what} {', '.join(names[:SHOWN_KEYS])}{more}"

@@ -1,0 +1,142 @@
+"""distrain.weights: reading a Hugging Face directory (sharded), a .safetensors file or a .pt
+state_dict into a model, key matching with clear errors, and writing safetensors with tied
+weights once."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from distrain.config import ConfigError
+from distrain.export import save_safetensors
+from distrain.weights import WeightFiles, load_planned, plan_init
+from tests.hf_tiny import GPT2, LLAMA
+
+torch.set_num_threads(1)
+
+
+def tiny(config: dict, seed: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+
+
+def load(model, path, strict=True):
+    load_planned(model, *plan_init(model, path, strict))
+    return model
+
+
+def assert_same_state(a: nn.Module, b: nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory):
+    """A tiny Llama in save_pretrained's layout, sharded into several safetensors files."""
+    path = tmp_path_factory.mktemp("llama") / "hf"
+    model = tiny(LLAMA, seed=1)
+    model.save_pretrained(path, max_shard_size="100KB")
+    return model, path
+
+
+def test_a_sharded_hf_directory_loads_every_tensor(saved_llama):
+    source, path = saved_llama
+    assert len(list(path.glob("model-*.safetensors"))) >= 2 and (path / "model.safetensors.index.json").is_file()
+    target = tiny(LLAMA, seed=2)
+    assert not torch.equal(target.lm_head.weight, source.lm_head.weight)
+    assert_same_state(load(target, path), source)
+    assert_same_state(load(tiny(LLAMA, seed=3), path / "model.safetensors.index.json"), source)
+
+
+def test_a_safetensors_file_and_a_pt_state_dict_load(saved_llama, tmp_path):
+    source, _ = saved_llama
+    save_safetensors(source.state_dict(), tmp_path / "w.safetensors")
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    assert_same_state(load(tiny(LLAMA, seed=2), tmp_path / "w.safetensors"), source)
+    assert_same_state(load(tiny(LLAMA, seed=2), tmp_path / "w.pt"), source)
+
+
+def test_slices_read_only_the_asked_part(saved_llama):
+    source, path = saved_llama
+    files = WeightFiles(path)
+    name = "model.embed_tokens.weight"
+    assert files.shape(name) == tuple(source.get_parameter(name).shape)
+    assert torch.equal(files.read(name, (slice(5, 9), slice(None))), source.get_parameter(name)[5:9].detach())
+
+
+def test_weights_are_cast_to_the_models_dtype(saved_llama):
+    source, path = saved_llama
+    target = load(tiny(LLAMA, seed=2).to(torch.bfloat16), path)
+    assert target.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(target.lm_head.weight, source.lm_head.weight.to(torch.bfloat16))
+
+
+def test_tied_weights_are_written_once_and_tied_on_load(tmp_path):
+    from safetensors import safe_open
+
+    source = tiny(GPT2, seed=1)
+    assert source.lm_head.weight is source.transformer.wte.weight
+    save_safetensors(source.state_dict(), tmp_path / "gpt2.safetensors")
+    with safe_open(str(tmp_path / "gpt2.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert ("lm_head.weight" in names) != ("transformer.wte.weight" in names)
+    target = load(tiny(GPT2, seed=2), tmp_path / "gpt2.safetensors")
+    assert target.lm_head.weight is target.transformer.wte.weight
+    assert_same_state(target, source)
+
+
+def test_a_key_mismatch_names_the_first_keys_unless_strict_is_off(saved_llama, tmp_path):
+    source, _ = saved_llama
+    state = source.state_dict()
+    state["extra.weight"] = torch.zeros(2)
+    for i in range(2):
+        del state[f"model.layers.{i}.mlp.up_proj.weight"]
+    del state["model.norm.weight"]
+    del state["lm_head.weight"]
+    save_safetensors(state, tmp_path / "partial.safetensors")
+    target = tiny(LLAMA, seed=2)
+    with pytest.raises(ConfigError, match=r"missing model\.layers\.0\.mlp\.up_proj\.weight, .* \(\+1 more\); "
+                                          r"unexpected extra\.weight .*init_strict=false") as e:
+        plan_init(target, tmp_path / "partial.safetensors")
+    assert e.value.key == "model.init_from" and "\n" not in str(e.value)
+    before = target.lm_head.weight.detach().clone()
+    load(target, tmp_path / "partial.safetensors", strict=False)
+    assert torch.equal(target.lm_head.weight, before)  # not in the file: as built
+    assert torch.equal(target.model.embed_tokens.weight, source.model.embed_tokens.weight)
+
+
+def test_a_shape_mismatch_is_an_error_even_when_not_strict(saved_llama):
+    _, path = saved_llama
+    with pytest.raises(ConfigError, match=r"model\.embed_tokens\.weight has shape \[64, 64\]"):
+        plan_init(tiny({**LLAMA, "vocab_size": 80}, seed=0), path, strict=False)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda d: d / "absent.safetensors", "no weights at"),
+    (lambda d: d, "holds no model.safetensors"),
+    (lambda d: _write(d / "bad.safetensors", b"\xff" * 64), "bad.safetensors is not a readable safetensors file"),
+    (lambda d: _write(d / "bad.pt", b"not a zip"), "bad.pt is not a readable state_dict"),
+    (lambda d: _write(d / "model.safetensors.index.json", b'{"weight_map": {"a": "gone.safetensors"}}'),
+     "lists gone.safetensors"),
+])
+def test_unreadable_weights_are_one_line_config_errors(tmp_path, make, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        WeightFiles(make(tmp_path))
+    assert e.value.key == "model.init_from" and "\n" not in str(e.value)
+
+
+def test_a_truncated_safetensors_header_names_the_file(saved_llama, tmp_path):
+    source, _ = saved_llama
+    good = save_safetensors(source.state_dict(), tmp_path / "w.safetensors").read_bytes()
+    _write(tmp_path / "cut.safetensors", good[:8] + good[8:40])  # the header's length says more than is there
+    with pytest.raises(ConfigError, match="cut.safetensors is not a readable safetensors file"):
+        WeightFiles(tmp_path / "cut.safetensors")
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
