@@ -51,20 +51,25 @@ class Parts:
 
 
 class Phases:
-    """Where a step is (for the watchdog) and how long its own work took (for stragglers)."""
+    """Where a step is (for the watchdog) and how long its own work took (for stragglers):
+    `with phases("forward"): ...`, one phase at a time."""
 
     def __init__(self, watchdog):
         self.watchdog = watchdog
         self.seconds: dict[str, float] = {}
+        self._name, self._start = "data", 0.0
 
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        self.watchdog.phase = name
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+    def __call__(self, name: str) -> Phases:
+        self._name = name
+        return self
+
+    def __enter__(self) -> None:
+        self.watchdog.phase = self._name
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc) -> bool:
+        self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._start
+        return False
 
     def take(self, *names: str) -> float:
         """The seconds spent in these phases since the last take (and forget all)."""

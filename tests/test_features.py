@@ -191,3 +191,15 @@ def test_garbage_collection_runs_on_every_rank_at_the_same_step_and_is_restored(
     finally:
         gc.callbacks.remove(seen)
         gc.enable()
+
+
+def test_total_norm_fast_path_gives_get_total_norms_bits():
+    """The one-group fast path must stay what torch's get_total_norm computes (it fails if torch
+    changes either underneath it); mixed dtypes take torch's own grouping."""
+    from distrain.strategies.common import total_norm
+
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(shape, generator=g) * 10 for shape in [(64, 8), (8,), (3, 5, 7), (1,)]]
+    assert torch.equal(total_norm(grads), torch.nn.utils.get_total_norm(grads).float())
+    mixed = grads[:2] + [grads[2].double(), grads[3]]
+    assert torch.allclose(total_norm(mixed), torch.nn.utils.get_total_norm(grads).float(), rtol=1e-6)

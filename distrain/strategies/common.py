@@ -58,6 +58,13 @@ def total_norm(grads: list) -> torch.Tensor:
     """The global L2 norm of the gradients (over all shards under FSDP2), as a 0-dim float32 tensor."""
     if not grads:
         return torch.zeros(())
+    first = grads[0]
+    if type(first) is torch.Tensor and all(type(g) is torch.Tensor and g.device == first.device
+                                           and g.dtype == first.dtype for g in grads):
+        # one device and dtype, no DTensor (the common case): the same fused kernel and sum that
+        # get_total_norm computes, the same bits, without its per-call grouping of the tensors
+        # (~30 us, 4% of a small model's CPU step); tests compare the two
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float()
     norm = nn.utils.get_total_norm(grads)
     return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
 
