@@ -126,3 +126,31 @@ class NoWatchdog:
 
     def close(self) -> None:
         pass
+
+
+class Phases:
+    """Where a step is (for the watchdog) and how long its own work took (for stragglers):
+    `with phases("forward"): ...`, one phase at a time."""
+
+    def __init__(self, watchdog):
+        self.watchdog = watchdog
+        self.seconds: dict[str, float] = {}
+        self._name, self._start = "data", 0.0
+
+    def __call__(self, name: str) -> Phases:
+        self._name = name
+        return self
+
+    def __enter__(self) -> None:
+        self.watchdog.phase = self._name
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc) -> bool:
+        self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._start
+        return False
+
+    def take(self, *names: str) -> float:
+        """The seconds spent in these phases since the last take (and forget all)."""
+        total = sum(self.seconds.get(n, 0.0) for n in names)
+        self.seconds.clear()
+        return total

@@ -72,12 +72,14 @@ def _steps(n: int, count: int):
 
 
 def test_phase_timer_sets_the_watchdogs_phase_and_sums_the_phases_asked_for(monkeypatch):
-    from distrain import trainer
+    import time
+
+    from distrain import watchdog as wd
 
     clock = [0.0]
-    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(wd, "time", SimpleNamespace(perf_counter=lambda: clock[0], monotonic=time.monotonic))
     watchdog = SimpleNamespace(phase=None)
-    phases = trainer.Phases(watchdog)
+    phases = wd.Phases(watchdog)
     for name, seconds in (("data", 1.0), ("forward", 2.0), ("backward", 4.0), ("forward", 8.0)):
         with phases(name):
             assert watchdog.phase == name
