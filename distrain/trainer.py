@@ -14,9 +14,11 @@ import torch
 from . import collector, dist
 from .checkpoint import weights_finite
 from .config import ConfigError
-from .data.batch import call_model, check_batch, collate_fn
+from .data.batch import call_model, check_batch, collate_fn, to_device
 from .data.loader import StepLoader
 from .data.sampler import ResumableSampler
+from .data.shards import in_memory, is_stream
+from .data.streams import stream_loader
 from .evaluate import evaluate, fetch
 from .metrics import Window, flops_per_sample, peak_flops, peak_memory_mb, stragglers, typical
 from .objectives import StepScale, build_objective, items_per_sample
@@ -53,18 +55,23 @@ class Parts:
 class Trainer:
     def __init__(self, cfg, strategy, data: Data, parts: Parts, interactive: bool = False):
         self.cfg, self.strategy, self.meta = cfg, strategy, data.meta
-        self.train_set, self.eval_set, self.collate = data.train, data.eval, collate_fn(data.meta)
+        self.train_set, self.collate = data.train, collate_fn(data.meta)
         self.comm, self.checkpointer, self.metrics = parts.comm, parts.checkpointer, parts.metrics
         self.preemption, self.watchdog = parts.preemption, parts.watchdog or NoWatchdog()
         self.phases = Phases(self.watchdog)
         self.interactive = interactive
         self.device = data.device
         self.world_size, self.rank = dist.world_size(), dist.rank()
-        self.sampler = ResumableSampler(len(data.train), cfg.data.global_batch_size, data.micro_batch,
-                                        self.world_size, self.rank, cfg.run.seed)
-        self.loader = StepLoader(data.train, self.sampler, self.device, cfg.data.num_workers, cfg.run.seed, self.rank,
-                                 self.collate)
-        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.steps_per_epoch
+        self.eval_set = in_memory(data.eval)
+        if is_stream(data.train):  # the loader keeps the position: per shard, not one number
+            self.loader = self.sampler = stream_loader(cfg, data, self.comm, self.world_size, self.rank, self.collate)
+            self.total_steps = cfg.train.max_steps or math.inf  # or until train.epochs passes end
+        else:
+            self.sampler = ResumableSampler(len(data.train), cfg.data.global_batch_size, data.micro_batch,
+                                            self.world_size, self.rank, cfg.run.seed)
+            self.loader = StepLoader(data.train, self.sampler, self.device, cfg.data.num_workers, cfg.run.seed,
+                                     self.rank, self.collate)
+            self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.steps_per_epoch
         self.step = 0
         self.skipped_steps = 0
         self.norms: list = []  # (step, 0-dim norm tensor) not yet read: read at log lines, checkpoints, the end
@@ -104,7 +111,8 @@ class Trainer:
         so that a batch the model cannot take, or an output the loss cannot use, is a config
         error naming the key or the model (exit 2), not a failure at step 1."""
         try:
-            batch = fetch(self.train_set, range(min(2, len(self.train_set))), self.device, self.collate)
+            batch = to_device(self.loader.first_batch(), self.device) if is_stream(self.train_set) else \
+                fetch(self.train_set, range(min(2, len(self.train_set))), self.device, self.collate)
         except (RuntimeError, TypeError, ValueError) as e:  # torch's default collate on ragged samples, say
             first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError("data.name", f"the first training samples do not make a batch ({first_line}); samples "
@@ -124,13 +132,14 @@ class Trainer:
 
     def _fit(self) -> dict:
         cfg = self.cfg
-        progress = Progress(cfg.log.progress, self.interactive, self.rank == 0, self.total_steps, self.step)
+        progress = Progress(cfg.log.progress, self.interactive, self.rank == 0,
+                            None if math.isinf(self.total_steps) else self.total_steps, self.step)
         window, start, first_step = Window(), time.perf_counter(), self.step
         # a window's time is the loop's wall time, its log lines and collections included, less
         # evaluations and checkpoints (not training throughput)
         mark = start
         with contextlib.closing(progress), collector.lockstep(cfg.train.gc_every) as collect:
-            while self.step < self.total_steps:
+            while self.step < self.total_steps and not self.loader.finished:
                 losses, samples = self.train_step()
                 self.step += 1
                 self.watchdog.step = self.step
@@ -139,11 +148,11 @@ class Trainer:
                 window.add(losses, samples, now - mark, self.phases.seconds.get("data", 0.0),
                            self.phases.take("data", "forward"))
                 mark = now
-                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                last = self.step == self.total_steps or self.loader.finished
+                if self.step % cfg.train.log_every == 0 or last:
                     self.log_train(window, progress)
                     window = Window()
                 progress.update(self.step)
-                last = self.step == self.total_steps
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and not last:
                     mark += self.timed(self.run_eval)
                 if self.checkpointer.due(self.step) and not last:
@@ -237,7 +246,7 @@ class Trainer:
             log.warning("straggler: rank(s) %s spend %s s per step on their own work (data + forward), median %.4f s",
                         ", ".join(map(str, slow)), ", ".join(f"{busy[r]:.4f}" for r in slow), typical(busy))
         progress.update(self.step, loss=f"{loss:.4f}")
-        log.info("step %d/%d  loss %.4f  lr %.3g  %.0f samples/s", self.step, self.total_steps, loss,
+        log.info("step %d/%s  loss %.4f  lr %.3g  %.0f samples/s", self.step, self.total_steps, loss,
                  record["lr"], samples_per_s, extra={"file_only": progress.active})
 
     def run_eval(self) -> dict:
@@ -257,6 +266,7 @@ class Trainer:
 
     def save_checkpoint(self, blocking: bool = False) -> None:
         self.read_norms()
+        self.loader.sync(self.comm)  # a stream's position is spread over the ranks
         self.watchdog.phase = "checkpoint"
         if not weights_finite(self.strategy.module, self.comm):
             raise FloatingPointError(f"refusing to write the checkpoint of step {self.step}: the model holds "

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from ..config import ConfigError
 from ..corpus import file_sha256
+from .shards import ListSamples, Shards, hf_rows
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -30,7 +31,8 @@ CACHE_VERSION = 1
 
 def hf_dataset(path: str, tokenizer: str, seq_len: int = 256, mode: str = "windows", text_field: str = "text",
                 split: str = "train", eval_split: str | None = None, eval_fraction: float = 0.01,
-                eos: str | None = None, pad_token: str | None = None, cache_dir: str | None = None):
+                eos: str | None = None, pad_token: str | None = None, cache_dir: str | None = None,
+                streaming: bool = False):
     """data.path: a save_to_disk directory, or a file or directory of .json/.jsonl/.csv/.parquet
     files; data.tokenizer: a tokenizer.json; data.cache_dir (default PATH.cache next to the data):
     the tokenized cache and `datasets`' own."""
@@ -41,6 +43,8 @@ def hf_dataset(path: str, tokenizer: str, seq_len: int = 256, mode: str = "windo
     if not Path(tokenizer).is_file():
         raise ConfigError("data.tokenizer", f"{tokenizer}: tokenizer file not found")
     cache = Path(cache_dir) if cache_dir else Path(str(Path(path).resolve()) + ".cache")
+    if streaming:
+        return _stream(path, tokenizer, seq_len, mode, text_field, eos, pad_token, eval_fraction)
     source = _load(path, split, cache)
     eval_source = _load(path, eval_split, cache) if eval_split else None
     if text_field not in source.column_names:
@@ -127,19 +131,73 @@ def _load(path: str, split: str, cache: Path):
     if p.is_dir() and any((p / m).is_file() for m in SAVED_MARKERS):
         loaded = datasets.load_from_disk(str(p))
     else:
-        files = sorted(f for f in (p.rglob("*") if p.is_dir() else [p]) if f.suffix.lower() in FILE_BUILDERS)
-        kinds = {FILE_BUILDERS[f.suffix.lower()] for f in files}
-        if len(kinds) != 1:
-            raise ConfigError("data.path", f"{path}: give a save_to_disk directory, or files of one kind "
-                                           f"({', '.join(FILE_BUILDERS)}); found {len(files)} file(s) of "
-                                           f"{len(kinds)} kinds")
-        loaded = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files],
-                                       cache_dir=str(cache / "datasets"))
+        kind, files = _data_files(path)
+        loaded = datasets.load_dataset(kind, data_files=files, cache_dir=str(cache / "datasets"))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise ConfigError("data.split", f"{path} has no split '{split}' (splits: {', '.join(loaded)})")
         return loaded[split]
     return loaded
+
+
+def _data_files(path: str) -> tuple[str, list[str]]:
+    p = Path(path)
+    files = sorted(f for f in (p.rglob("*") if p.is_dir() else [p]) if f.suffix.lower() in FILE_BUILDERS)
+    kinds = {FILE_BUILDERS[f.suffix.lower()] for f in files}
+    if len(kinds) != 1:
+        raise ConfigError("data.path", f"{path}: give a save_to_disk directory, or files of one kind "
+                                       f"({', '.join(FILE_BUILDERS)}); found {len(files)} file(s) of "
+                                       f"{len(kinds)} kinds")
+    return kinds.pop(), [str(f) for f in files]
+
+
+def _stream(path, tokenizer, seq_len, mode, text_field, eos, pad_token, eval_fraction):
+    """streaming=true: the files read as they are used, one shard per file, tokenized on the fly
+    (windows packed within each map batch of a file); the last file is the eval set when
+    eval_fraction > 0."""
+    import datasets
+
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError("data.path", f"{path}: no such file or directory")
+    if p.is_dir() and any((p / m).is_file() for m in SAVED_MARKERS):
+        raise ConfigError("data.streaming", f"{path} is a save_to_disk directory, already memory-mapped: "
+                                            "streaming reads JSON/CSV/Parquet files")
+    kind, files = _data_files(path)
+    held_out = 1 if eval_fraction > 0 else 0
+    if len(files) - held_out < 1:
+        raise ConfigError("data.path", f"{path}: streaming holds the last file out for evaluation and needs "
+                                       f"another to train on (found {len(files)})")
+    tokenize = Tokenize(str(Path(tokenizer).resolve()), mode, seq_len, text_field, eos, path)
+    load = lambda names: datasets.load_dataset(kind, data_files=names, streaming=True, split="train")  # noqa: E731
+    train = TokenStream(load(files[: len(files) - held_out]), tokenize)
+    evaluation = ListSamples(Shards(TokenStream(load(files[-1:]), tokenize)).all_samples()) if held_out else []
+    meta = {"task": "lm", "vocab_size": tokenize.vocab_size, "seq_len": seq_len}
+    if mode == "rows":
+        meta["collate"] = _padding_collator(tokenize, pad_token or eos)
+    return train, evaluation, meta
+
+
+class TokenStream(torch.utils.data.IterableDataset):
+    """A streaming `datasets` source as distrain's shards: one per file, each tokenized as it is read."""
+
+    def __init__(self, source, tokenize: Tokenize):
+        self.source, self.tokenize, self.num_shards = source, tokenize, source.num_shards
+
+    def iter_shard(self, index: int, start: int):
+        part = self.source.shard(num_shards=self.num_shards, index=index, contiguous=True)
+        rows = part.map(self.tokenize, batched=True, batch_size=MAP_BATCH, remove_columns=part.column_names)
+        for row in hf_rows(rows.skip(start) if start else rows):
+            if self.tokenize.mode == "windows":
+                window = torch.tensor(row["window"], dtype=torch.int64)
+                yield window[:-1], window[1:]
+            else:
+                yield {k: torch.tensor(row[k], dtype=torch.int64) for k in ("input_ids", "attention_mask")}
+
+    def __iter__(self):
+        for i in range(self.num_shards):
+            yield from self.iter_shard(i, 0)
 
 
 def _file_stats(path: str, cache: Path) -> list:

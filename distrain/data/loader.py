@@ -17,6 +17,8 @@ class StepLoader:
     """Yields, for each optimizer step, the StepBatch and this rank's micro-batches on the device:
     tuples, or dicts of tensors (data.batch), made by `collate` (the data builder's, if it gave one)."""
 
+    finished = False  # a stream's loader says when train.epochs is over; the sampler's run is counted in steps
+
     def __init__(self, dataset, sampler: ResumableSampler, device: torch.device, num_workers: int, seed: int, rank: int,
                  collate=default_collate):
         self.dataset, self.sampler, self.device = dataset, sampler, device
@@ -64,6 +66,9 @@ class StepLoader:
                 yield step, [to_device(m, self.device) for m in micro]
         finally:
             del it  # stops the worker processes now, not at interpreter exit
+
+    def sync(self, comm) -> None:
+        """Nothing to gather: the sampler's position is the same on every rank."""
 
     def reset(self) -> None:
         """Forget prefetched batches (after the sampler state was restored)."""
