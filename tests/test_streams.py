@@ -69,6 +69,30 @@ def test_a_stream_without_shards_is_read_whole_with_one_warning(caplog):
     assert rows == all_windows(stream) * 2, "as torch reads it: in order, twice for two epochs"
 
 
+def test_a_hugging_face_iterable_dataset_is_read_by_its_own_shards():
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"input_ids": [[i, i + 1, i + 2] for i in range(60)]})
+    stream = rows.to_iterable_dataset(num_shards=6)
+    ids = lambda steps: sorted(int(x) for step in steps for x in step)  # noqa: E731
+
+    def take_ids(ld, steps=None):
+        out = []
+        while (steps is None or len(out) < steps) and not ld.finished:
+            batch, micro = ld.next_step()
+            out.append([x for mb, real in zip(micro, batch.real) if real for x in mb["input_ids"][:, 0].tolist()])
+        return out
+
+    first = loader(stream, 2, epochs=1, micro=4)
+    before = take_ids(first, 3)
+    first.sync(first.comm)
+    state = first.state_dict()
+    assert state["shards"] == 6 and sum(state["offset"]) == 3 * 2 * 4
+    other = loader(stream, 1, epochs=1, micro=4)
+    other.load_state_dict(state)
+    assert ids(before + take_ids(other)) == list(range(60))
+
+
 def args_for(run, nproc, extra=(), source=("data.name=tests.streams_tiny:windows",), **model):
     return ["--config", CONFIGS / "gpt_tiny.yaml", f"run.dir={run}", "model.name=tests.lm_faults:recording_gpt",
             "model.d_model=32", *source, f"data.seq_len={SEQ}", f"data.global_batch_size={GLOBAL}",
