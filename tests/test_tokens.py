@@ -245,3 +245,19 @@ def test_hf_windows_from_a_saved_dataset_match_the_tokenizer_applied_directly(da
     assert got == windows and len(evaluation) == round(len(windows) * 0.05)
     assert all(torch.equal(train[i][0][1:], train[i][1][:-1]) for i in range(len(train)))
     assert meta == {"task": "lm", "vocab_size": 300, "seq_len": SEQ}
+
+
+def test_a_bad_jsonl_row_is_named_by_file_and_line_or_skipped_on_request(data, tmp_path, caplog):
+    from distrain.config import ConfigError
+    from distrain.data.hf_datasets import hf_dataset
+
+    rows = [json.dumps({"text": f"ka lo mi {i}"}) for i in range(40)]
+    rows.insert(30, '{"text": "unterminated')
+    source = tmp_path / "rows.jsonl"
+    source.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ConfigError, match=r"rows\.jsonl:31: not a JSON row .*data\.on_bad_row=skip"):
+        hf_dataset(str(source), str(data["tokenizer"]), 4, mode="rows")
+    train, evaluation, _ = hf_dataset(str(source), str(data["tokenizer"]), 4, mode="rows", on_bad_row="skip",
+                                      eos="<|endoftext|>", eval_fraction=0.1)
+    assert len(train) + len(evaluation) == 40
+    assert [r.getMessage() for r in caplog.records if "rows.jsonl:31" in r.getMessage() and "skipped" in r.getMessage()]

@@ -32,10 +32,12 @@ CACHE_VERSION = 1
 def hf_dataset(path: str, tokenizer: str, seq_len: int = 256, mode: str = "windows", text_field: str = "text",
                 split: str = "train", eval_split: str | None = None, eval_fraction: float = 0.01,
                 eos: str | None = None, pad_token: str | None = None, cache_dir: str | None = None,
-                streaming: bool = False):
+                streaming: bool = False, on_bad_row: str = "fail"):
     """data.path: a save_to_disk directory, or a file or directory of .json/.jsonl/.csv/.parquet
     files; data.tokenizer: a tokenizer.json; data.cache_dir (default PATH.cache next to the data):
     the tokenized cache and `datasets`' own."""
+    if on_bad_row not in ("fail", "skip"):
+        raise ConfigError("data.on_bad_row", f"must be fail or skip (got {on_bad_row!r})")
     if mode not in ("windows", "rows"):
         raise ConfigError("data.mode", f"must be windows or rows (got {mode!r})")
     if not isinstance(seq_len, int) or seq_len < 1:
@@ -45,8 +47,8 @@ def hf_dataset(path: str, tokenizer: str, seq_len: int = 256, mode: str = "windo
     cache = Path(cache_dir) if cache_dir else Path(str(Path(path).resolve()) + ".cache")
     if streaming:
         return _stream(path, tokenizer, seq_len, mode, text_field, eos, pad_token, eval_fraction)
-    source = _load(path, split, cache)
-    eval_source = _load(path, eval_split, cache) if eval_split else None
+    source = _load(path, split, cache, on_bad_row)
+    eval_source = _load(path, eval_split, cache, on_bad_row) if eval_split else None
     if text_field not in source.column_names:
         raise ConfigError("data.text_field", f"{path} has no column '{text_field}' "
                                              f"(columns: {', '.join(source.column_names)})")
@@ -122,7 +124,7 @@ class Tokenize:
         return {"window": [stream[k * self.seq_len : (k + 1) * self.seq_len + 1] for k in range(n)]}
 
 
-def _load(path: str, split: str, cache: Path):
+def _load(path: str, split: str, cache: Path, on_bad_row: str = "fail"):
     import datasets
 
     p = Path(path)
@@ -132,12 +134,48 @@ def _load(path: str, split: str, cache: Path):
         loaded = datasets.load_from_disk(str(p))
     else:
         kind, files = _data_files(path)
-        loaded = datasets.load_dataset(kind, data_files=files, cache_dir=str(cache / "datasets"))
+        try:
+            loaded = datasets.load_dataset(kind, data_files=files, cache_dir=str(cache / "datasets"))
+        except datasets.exceptions.DatasetGenerationError:
+            if kind != "json":
+                raise
+            # datasets' JSON reader stops at a bad line without naming it: find it, then stop,
+            # or read the good rows from a cleaned copy
+            loaded = datasets.load_dataset(kind, data_files=_good_json_rows(files, cache, on_bad_row),
+                                           cache_dir=str(cache / "datasets"))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise ConfigError("data.split", f"{path} has no split '{split}' (splits: {', '.join(loaded)})")
         return loaded[split]
     return loaded
+
+
+def _good_json_rows(files: list[str], cache: Path, on_bad_row: str) -> list[str]:
+    import logging
+
+    out, reported = [], 0
+    for name in files:
+        good, bad = [], []
+        with open(name, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    if line.strip():
+                        good.append(json.dumps(json.loads(line)))
+                except json.JSONDecodeError as e:
+                    bad.append((number, e.msg))
+        for number, problem in bad:
+            if on_bad_row == "fail":
+                raise ConfigError("data.on_bad_row", f"{name}:{number}: not a JSON row ({problem}); "
+                                                     "data.on_bad_row=skip skips such rows")
+            if reported < 50:
+                logging.getLogger("distrain").warning("data: %s:%d: not a JSON row (%s); skipped", name, number,
+                                                      problem)
+            reported += 1
+        clean = cache / "clean" / (hashlib.sha256(name.encode()).hexdigest()[:16] + ".jsonl")
+        clean.parent.mkdir(parents=True, exist_ok=True)
+        clean.write_text("".join(g + "\n" for g in good), encoding="utf-8")
+        out.append(str(clean))
+    return out
 
 
 def _data_files(path: str) -> tuple[str, list[str]]:
