@@ -10,6 +10,7 @@ and the next run starts over.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -68,6 +69,17 @@ def prepare(args) -> int:
               "text_field": args.text_field, "on_bad_row": args.on_bad_row,
               "sources": [{"path": str(p), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
                           for p, _ in sources]}
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".prepare.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a second prepare into the same directory waits, then finds it done
+            print(f"distrain prepare: waiting for another prepare into {out}", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare_locked(args, out, tokenizer_path, vocab_size, eos_id, sources, inputs)
+
+
+def _prepare_locked(args, out: Path, tokenizer_path: Path, vocab_size: int, eos_id, sources, inputs) -> int:
     if _up_to_date(out, inputs):
         print(f"distrain prepare: {out} is up to date")
         return 0

@@ -154,3 +154,19 @@ def test_a_vocabulary_over_65535_tokens_is_stored_as_uint32(tmp_path):
     tokens, offsets, manifest = read_corpus(tmp_path / "out")
     assert manifest["dtype"] == "uint32" and tokens.tolist() == [70000, 4, 65537, 8, 0]
     assert offsets.tolist() == [0, 3, 5]
+
+
+def test_a_second_prepare_into_the_same_directory_waits_for_the_first(corpus, prepared, tmp_path):
+    import fcntl
+
+    out = tmp_path / "prepared"
+    out.mkdir()
+    with open(out / ".prepare.lock", "a") as held:  # as a first prepare still writing would hold it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        second = subprocess.Popen([sys.executable, "-m", "distrain", "prepare", "--tokenizer", str(corpus["tokenizer"]),
+                                   "--out", str(out), "--eos", EOS, *map(str, corpus["sources"])],
+                                  stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=clean_env(), cwd=ROOT)
+        assert "waiting for another prepare" in second.stderr.readline()
+        assert second.poll() is None and not (out / "manifest.json").exists()
+    assert second.wait(timeout=120) == 0
+    assert np.array_equal(read_corpus(out)[0], read_corpus(prepared)[0])
