@@ -3,15 +3,17 @@ Llama-style model (float32, ~400 MB), saved sharded with save_pretrained.
 
     python bench/weights.py export [--rounds 5]   # save_safetensors vs safetensors.torch.save_file
     python bench/weights.py load [--rounds 3]     # init_from on one process vs from_pretrained
-    python bench/weights.py fsdp                  # 2 gloo ranks: peak RSS raised by the load, per rank
+    python bench/weights.py fsdp                  # 2 gloo ranks: peak RSS raised by build + load, per rank
 
 Method: export alternates the two writers (A B A B ...) on the same state into the same
 directory, medians with min-max. load starts one fresh process per measurement, alternating,
 each reporting its wall time for build + load and its peak RSS (ru_maxrss), imports included.
-fsdp builds the model on every rank, shards it with fully_shard, resets the kernel's peak-RSS
-mark (/proc/self/clear_refs), then loads: distrain's per-rank slices, or the naive way (every
-rank reads the whole file, set_model_state_dict), one torchrun each; the raise of each rank's
-peak RSS over its RSS before the load is compared with its shard + the largest tensor.
+fsdp resets the kernel's peak-RSS mark (/proc/self/clear_refs) after the imports, then builds,
+shards with fully_shard and loads, one torchrun each way: `meta` is distrain's fsdp path
+(parameters built on the meta device, each rank allocates its shards and reads its slices),
+`built` the model built whole with random weights on every rank before sharding and reading
+the slices, `naive` that build then every rank reading the whole file (set_model_state_dict);
+the raise of each rank's peak RSS is compared with its shard + the largest tensor.
 """
 from __future__ import annotations
 
@@ -104,22 +106,29 @@ def bench_load(rounds: int, directory: Path) -> dict:
 
 
 def fsdp_worker(how: str, path: str) -> None:
+    """One rank: the peak RSS raised by build + shard + load, over the RSS after the imports."""
     import torch.distributed as dist
+    import transformers.models.llama.modeling_llama  # noqa: F401 - before the mark: the build is measured
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
+    from distrain.models.empty import materialize, parameters_on_meta
+    from distrain.weights import load_planned, plan_init
+
     dist.init_process_group("gloo")
-    model = build(path)
+    Path("/proc/self/clear_refs").write_text("5")  # the peak-RSS mark starts again from the current RSS
+    before = _status("VmRSS")
+    if how == "meta":  # distrain's fsdp path: parameters on meta, each rank allocates and reads its shards
+        with parameters_on_meta():
+            model = build(path)
+    else:
+        model = build(path)
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
-    shard = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
-    largest = max(p.numel() * p.element_size() for p in model.parameters())
-    Path("/proc/self/clear_refs").write_text("5")  # the peak-RSS mark starts again from the current RSS
-    before = _status("VmRSS")
-    if how == "distrain":
-        from distrain.weights import load_planned, plan_init
-
+    if how == "meta":
+        materialize(model, torch.device("cpu"))
+    if how in ("meta", "built"):
         load_planned(model, *plan_init(model, path))
     else:
         from safetensors.torch import load_file
@@ -129,6 +138,8 @@ def fsdp_worker(how: str, path: str) -> None:
             full.update(load_file(str(file)))
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
     raised = _status("VmHWM") - before
+    shard = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
     row = {"rank": dist.get_rank(), "how": how, "raised_mib": raised / 2**20, "shard_mib": shard / 2**20,
            "largest_mib": largest / 2**20}
     (Path(path).parent / f"fsdp-{how}-rank{dist.get_rank()}.json").write_text(json.dumps(row))
@@ -145,7 +156,7 @@ def _status(field: str) -> int:
 def bench_fsdp(directory: Path) -> list:
     path = saved_model(directory)
     rows = []
-    for how in ("distrain", "naive"):
+    for how in ("meta", "built", "naive"):
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         __file__, "fsdp-worker", how, str(path)], capture_output=True, text=True, check=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})

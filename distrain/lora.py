@@ -4,6 +4,7 @@ when a config asks for LoRA.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .config import ConfigError
@@ -43,7 +44,28 @@ def apply_lora(module: nn.Module, spec: dict) -> nn.Module:
         config = peft.LoraConfig(target_modules=targets, **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(KEY, str(e).splitlines()[0])
-    return wrap(module, config)
+    model = wrap(module, config)
+    init_adapters(model)
+    return model
+
+
+def init_adapters(model: nn.Module) -> None:
+    """peft's own initialisation of the adapters, run again from the run's seed: they then start
+    the same whether the base was built with random weights (which draw from the generator first)
+    or with none (parameters on the meta device, where peft puts the adapters too: they are
+    allocated here, the only parameters of the model that no file fills)."""
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(torch.initial_seed())
+    for layer in model.modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        for name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+            container = getattr(layer, name)
+            if any(p.is_meta for p in container.parameters()):
+                container.to_empty(device="cpu")
+        for adapter in dict.fromkeys([*layer.lora_A, *layer.lora_embedding_A]):
+            layer.reset_lora_parameters(adapter, model.peft_config[adapter].init_lora_weights)
 
 
 def wrap(module: nn.Module, config) -> nn.Module:

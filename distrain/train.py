@@ -56,6 +56,7 @@ def run(cfg, env) -> int:
     from .data import build_datasets
     from .log import MetricsWriter, close_logging, log_file_stream, setup_logging
     from .models import build_model
+    from .models.empty import build_for_run
     from .optim import build_optimizer
     from .preempt import Preemption
     from .rundir import space_warning
@@ -70,13 +71,15 @@ def run(cfg, env) -> int:
     backend = dist.choose_backend(cfg.strategy.backend, device.type == "cuda", collective=strategy_spec.needs_group)
     _check_hardware(cfg, device, backend)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    checkpointer = Checkpointer(cfg.checkpoint, cfg.run_dir, env, strategy_spec.checkpoint_format, to_dict(cfg))
+    checkpointer.check_run_dir()  # before any process waits on another: a refusal is a config error
     with warnings.catch_warnings(record=True) as early_warnings:  # shown once logging knows the rank
         warnings.simplefilter("default")
         train_set, eval_set, meta = build_datasets(cfg.data)
-        module = build_model(cfg.model, meta, cfg.train.activation_checkpointing)
-    checkpointer = Checkpointer(cfg.checkpoint, cfg.run_dir, env, strategy_spec.checkpoint_format, to_dict(cfg))
-    checkpointer.check_run_dir()  # before any process waits on another: a refusal is a config error
-    init = weights.plan_for_run(cfg.model, cfg.checkpoint, checkpointer.root, module)  # a bad file: exit 2 here
+        # a model a sharded load fills is built without its parameters' memory; a bad file: exit 2 here
+        module, init = build_for_run(lambda empty: build_model(cfg.model, meta, cfg.train.activation_checkpointing,
+                                                               empty), cfg.model, cfg.checkpoint, checkpointer.root,
+                                     sharded=strategy_spec.init_sharded)
 
     dist.init(env, backend, device, cfg.strategy.timeout_s, needs_group=strategy_spec.needs_group)
     comm = dist.Collectives(device if backend == "nccl" else torch.device("cpu"),

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .models.empty import has_meta_parameters
 
 INIT_KEY = "model.init_from"
 SHOWN_KEYS = 3  # how many missing / unexpected key names an error lists
@@ -113,26 +114,49 @@ def fresh_start(checkpoint_section, checkpoints_root: Path) -> bool:
     return resume == "never" or (resume == "auto" and not committed_steps(checkpoints_root))
 
 
+def init_source(model_section, sharded: bool) -> str | None:
+    """Where the initial weights come from: model.init_from, else, under a strategy that loads
+    them sharded, the weights in a model.name=hf directory (its builder otherwise reads them whole)."""
+    if model_section.init_from is not None:
+        return model_section.init_from
+    path = model_section.args.get("path") if model_section.name == "hf" else None
+    if sharded:
+        from .models.hf import has_weights
+
+        return path if has_weights(path) else None
+    return None
+
+
 def plan_for_run(model_section, checkpoint_section, checkpoints_root: Path, module: nn.Module) -> InitWeights | None:
-    """What model.init_from puts into the model at this launch, or None: nothing on a resume, as
-    it takes the checkpoint's weights, except the frozen parameters checkpoints leave out."""
-    if model_section.init_from is None:
+    """What model.init_from (or, for a model built on the meta device, the hf directory's weights)
+    puts into the model at this launch, or None: nothing on a resume, as it takes the checkpoint's
+    weights, except the frozen parameters checkpoints leave out."""
+    source = init_source(model_section, sharded=has_meta_parameters(module))
+    if source is None:
         return None
     frozen = any(not p.requires_grad for p in module.parameters())
     if not (frozen or fresh_start(checkpoint_section, checkpoints_root)):
         return None
-    return InitWeights(*plan_init(module, model_section.init_from, model_section.init_strict))
+    strict = model_section.init_strict if model_section.init_from is not None else True
+    return InitWeights(*plan_init(module, source, strict), explicit=model_section.init_from is not None)
 
 
 class InitWeights:
     """Planned initial weights: load them into the model, or hash their files."""
 
-    def __init__(self, files: WeightFiles, plan: dict[str, str]):
+    def __init__(self, files: WeightFiles, plan: dict[str, str], explicit: bool = True):
         self.files, self.plan = files, plan
+        self.explicit = explicit  # model.init_from, not the hf directory's own weights
         self._digest: str | None = None
 
     def load(self, module: nn.Module) -> None:
         load_planned(module, self.files, self.plan)
+
+    def fills(self, module: nn.Module) -> bool:
+        """Whether every parameter on the meta device gets its values from the files."""
+        targets = module.state_dict(keep_vars=True)
+        filled = {id(targets[name]) for name in self.plan.values()}
+        return all(id(p) in filled for p in module.parameters() if p.is_meta)
 
     def digest(self) -> str:
         if self._digest is None:
@@ -148,10 +172,11 @@ class InitWeights:
 
 def frozen_source(init: InitWeights | None, module: nn.Module) -> dict:
     """What checkpoints track for a model with frozen parameters (they leave those out): where
-    they came from, checked on resume. Empty for a model without any."""
+    they came from, checked on resume. Empty for a model without any. An hf directory's own
+    weights count as the build's, whichever way they were read."""
     if all(p.requires_grad for p in module.parameters()):
         return {}
-    return {"frozen_from": FrozenSource(init)}
+    return {"frozen_from": FrozenSource(init if init is not None and init.explicit else None)}
 
 
 class FrozenSource:
@@ -244,12 +269,27 @@ def load_planned(module: nn.Module, files: WeightFiles, plan: dict[str, str]) ->
 
 
 def local_index(dtensor) -> tuple[slice, ...]:
-    """Which part of the full tensor this rank's shard of a DTensor is. torch has no public
-    function for it; this is the one place that uses the private one."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    """Which part of the full tensor this rank's shard of a DTensor is. Each mesh dimension that
+    shards a tensor dimension splits what the dimensions before it left by torch.chunk's rule
+    (pieces of ceil(n / size), the last ones shorter or empty), as FSDP2 does; the result is
+    checked against the shard's own shape."""
+    from torch.distributed.tensor import Replicate, Shard
 
-    shape, offset = compute_local_shape_and_global_offset(dtensor.shape, dtensor.device_mesh, dtensor.placements)
-    return tuple(slice(o, o + s) for o, s in zip(offset, shape))
+    bounds = [(0, n) for n in dtensor.shape]
+    coordinate = dtensor.device_mesh.get_coordinate()
+    for mesh_dim, placement in enumerate(dtensor.placements):
+        if isinstance(placement, Replicate):
+            continue
+        if type(placement) is not Shard:
+            raise NotImplementedError(f"reading a slice for placement {placement}")
+        start, stop = bounds[placement.dim]
+        piece = -(-(stop - start) // dtensor.device_mesh.size(mesh_dim))
+        first = min(start + piece * coordinate[mesh_dim], stop)
+        bounds[placement.dim] = (first, min(first + piece, stop))
+    index = tuple(slice(a, b) for a, b in bounds)
+    if tuple(b - a for a, b in bounds) != tuple(dtensor.to_local().shape):
+        raise RuntimeError(f"shard of shape {list(dtensor.to_local().shape)} is not {index} of {list(dtensor.shape)}")
+    return index
 
 
 def _some(what: str, names: list[str]) -> str:

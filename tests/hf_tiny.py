@@ -18,6 +18,16 @@ BERT = {"model_type": "bert", "vocab_size": VOCAB, "hidden_size": 64, "num_hidde
         "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
+def save_causal_lm(path, config: dict, seed: int, max_shard_size: str):
+    """A causal LM of `config` with random weights from `seed`, written by transformers' own
+    save_pretrained in shards of at most max_shard_size: a pretrained model for model.init_from."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).save_pretrained(path, max_shard_size=max_shard_size)
+    return path
+
+
 class DictSamples(Dataset):
     def __init__(self, samples: list[dict]):
         self.samples = samples

@@ -13,9 +13,10 @@ import torch
 import yaml
 
 from conftest import ROOT, clean_env, final_weights, metrics, run_train
-from tests.hf_tiny import LLAMA, masked_tokens
+from tests.hf_tiny import LLAMA, masked_tokens, save_causal_lm
 
 GLOBAL = 8
+META_LINE = "model built on the meta device"
 # an odd MLP width: FSDP2 shards those weights unevenly (rank 0 holds one row more)
 MODEL = {**LLAMA, "intermediate_size": 129}
 STRATEGIES = {"single": ([], 0), "ddp": (["strategy.name=ddp"], 2), "fsdp": (["strategy.name=fsdp"], 2),
@@ -25,11 +26,7 @@ STRATEGIES = {"single": ([], 0), "ddp": (["strategy.name=ddp"], 2), "fsdp": (["s
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = tmp_path_factory.mktemp("pretrained") / "llama"
-    torch.manual_seed(123)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model(**MODEL)).save_pretrained(path, max_shard_size="100KB")
+    path = save_causal_lm(tmp_path_factory.mktemp("pretrained") / "llama", MODEL, seed=123, max_shard_size="100KB")
     assert len(list(path.glob("model-*.safetensors"))) >= 2
     return path
 
@@ -82,6 +79,8 @@ def test_init_from_a_sharded_hf_dir_then_final_formats_round_trip(strategy, pret
     with torch.no_grad():
         expected = reference(**batch).loss.item()
     assert metrics(run, "train")[0]["loss"] == pytest.approx(expected, abs=1e-6)
+    # fsdp builds the model on the meta device and each rank reads its slices
+    assert (META_LINE in (run / "logs" / "rank0.log").read_text()) == (strategy == "fsdp")
 
     final = final_weights(run)
     in_safetensors = safetensors_state(run / "final" / "model.safetensors")
@@ -103,6 +102,30 @@ def test_init_from_a_sharded_hf_dir_then_final_formats_round_trip(strategy, pret
         if strategy == "single":
             assert export(last, tmp_path / "w.safetensors", "--format", "safetensors").returncode == 0
             assert all(torch.equal(v, final[k]) for k, v in safetensors_state(tmp_path / "w.safetensors").items())
+
+
+def test_fsdp_reads_an_hf_directorys_tied_weights_into_a_model_built_on_meta(tmp_path):
+    """model.name=hf with weights in model.path, no init_from: under fsdp the same sharded read as
+    init_from, a tied weight (GPT-2's embedding and head) read once and still tied."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.hf_tiny import GPT2
+
+    torch.manual_seed(9)
+    reference = AutoModelForCausalLM.from_config(AutoConfig.for_model(**GPT2))
+    reference.save_pretrained(tmp_path / "gpt2")
+    cfg = yaml.safe_load(config_file(tmp_path, tmp_path / "gpt2").read_text())
+    cfg["model"] = {"name": "hf", "path": str(tmp_path / "gpt2")}
+    (tmp_path / "gpt2.yaml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    run_train(["--config", tmp_path / "gpt2.yaml", f"run.dir={run}", "strategy.name=fsdp"], nproc=2)
+    assert META_LINE in (run / "logs" / "rank0.log").read_text()
+    with torch.no_grad():
+        expected = reference(**first_batch()).loss.item()
+    assert metrics(run, "train")[0]["loss"] == pytest.approx(expected, abs=1e-6)
+    final = final_weights(run)
+    assert torch.equal(final["lm_head.weight"], final["transformer.wte.weight"])  # trained as one tensor
+    assert not torch.equal(final["lm_head.weight"], reference.lm_head.weight)
 
 
 def test_a_resume_takes_the_checkpoint_not_the_init_weights(pretrained, tmp_path):

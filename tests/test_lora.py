@@ -15,7 +15,7 @@ from conftest import final_weights, max_abs_diff, run_train
 from distrain.config import ConfigError, ModelConfig
 from distrain.data.batch import collate
 from distrain.models import build_model
-from tests.hf_tiny import LLAMA, masked_samples
+from tests.hf_tiny import LLAMA, masked_samples, save_causal_lm
 from tests.test_export_formats import export, safetensors_state
 
 torch.set_num_threads(1)
@@ -31,12 +31,7 @@ STRATEGIES = {"single": ([], 0), "ddp": (["strategy.name=ddp"], 2), "fsdp": (["s
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = tmp_path_factory.mktemp("base") / "llama"
-    torch.manual_seed(7)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model(**BASE)).save_pretrained(path, max_shard_size="8MB")
-    return path
+    return save_causal_lm(tmp_path_factory.mktemp("base") / "llama", BASE, seed=7, max_shard_size="8MB")
 
 
 def config_file(tmp_path, pretrained, name="hf", **model):

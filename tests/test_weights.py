@@ -140,3 +140,127 @@ def test_a_truncated_safetensors_header_names_the_file(saved_llama, tmp_path):
 def _write(path, data: bytes):
     path.write_bytes(data)
     return path
+
+
+class FakeMesh:
+    def __init__(self, shape, coordinate):
+        self.shape, self.coordinate = shape, coordinate
+
+    def get_coordinate(self):
+        return list(self.coordinate)
+
+    def size(self, dim=None):
+        return self.shape[dim]
+
+
+class FakeShard:
+    """What local_index reads of a DTensor, with the local shape and offset of torch's own (private,
+    plain-data) rule, for any mesh shape without a process group."""
+
+    def __init__(self, shape, mesh, placements):
+        from torch.distributed.tensor import _utils
+
+        self.shape, self.device_mesh, self.placements = torch.Size(shape), mesh, placements
+        self.expected = _utils._compute_local_shape_and_global_offset(self.shape, mesh.shape, list(mesh.coordinate),
+                                                                      placements, False)
+
+    def to_local(self):
+        return torch.empty(self.expected[0])
+
+
+@pytest.mark.parametrize("shape, mesh, placements", [
+    ((129, 64), (2,), "S0"), ((5, 3), (4,), "S0"), ((2, 3), (4,), "S0"), ((9, 7), (2, 3), "RS0"),
+    ((9, 7), (2, 3), "S0S0"), ((9, 7), (2, 2), "S0S1"),
+])
+def test_local_index_is_the_slice_torch_assigns_each_rank(shape, mesh, placements):
+    from itertools import product
+
+    from torch.distributed.tensor import Replicate, Shard
+
+    from distrain.weights import local_index
+
+    kinds = [Replicate() if p == "R" else Shard(int(d)) for p, d in
+             [(placements[i], placements[i + 1] if placements[i] == "S" else "0")
+              for i in range(len(placements)) if placements[i] in "RS"]]
+    for coordinate in product(*map(range, mesh)):
+        fake = FakeShard(shape, FakeMesh(mesh, coordinate), kinds)
+        local_shape, offset = fake.expected
+        assert local_index(fake) == tuple(slice(o, o + s) for o, s in zip(offset, local_shape)), coordinate
+
+
+def test_an_empty_build_has_meta_parameters_real_buffers_and_ties():
+    from distrain.config import ModelConfig
+    from distrain.models import build_model
+
+    def build(config, empty):
+        torch.manual_seed(0)
+        return build_model(ModelConfig(name="hf", args={"config": config}), {"task": "lm"}, empty=empty)
+
+    empty, real = build(LLAMA, True), build(LLAMA, False)
+    assert all(p.is_meta for p in empty.parameters())
+    buffers = dict(real.named_buffers())
+    assert buffers and all(torch.equal(b, buffers[n]) for n, b in empty.named_buffers())  # rotary frequencies
+    gpt2 = build(GPT2, True)
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight and gpt2.lm_head.weight.is_meta
+
+
+def test_a_sharded_load_builds_on_meta_only_when_the_files_fill_every_parameter(saved_llama, tmp_path):
+    """build_for_run's choice, and the weights of the real build it falls back to: those of a plain
+    build from the same random state, whatever the meta build before it drew."""
+    from types import SimpleNamespace
+
+    from distrain.config import ModelConfig
+    from distrain.models import build_model
+    from distrain.models.empty import build_for_run
+
+    source, path = saved_llama
+    partial = {k: v for k, v in source.state_dict().items() if k != "lm_head.weight"}
+    save_safetensors(partial, tmp_path / "partial.safetensors")
+    fresh, resumed = SimpleNamespace(resume="never"), SimpleNamespace(resume="auto")
+    (tmp_path / "ckpt" / "step_00000002").mkdir(parents=True)
+
+    def run(model: ModelConfig, checkpoint=fresh, sharded=True):
+        torch.manual_seed(5)
+        return build_for_run(lambda empty: build_model(model, {"task": "lm"}, empty=empty), model, checkpoint,
+                             tmp_path / "ckpt", sharded)
+
+    plain = run(ModelConfig(name="hf", args={"config": LLAMA}), sharded=False)[0]
+    cases = [  # (model section, checkpoint section, sharded) -> built on meta
+        ((ModelConfig(name="hf", init_from=str(path), args={"config": LLAMA}), fresh, True), True),
+        ((ModelConfig(name="hf", init_from=str(path), args={"config": LLAMA}), fresh, False), False),
+        ((ModelConfig(name="hf", init_from=str(path), args={"config": LLAMA}), resumed, True), False),
+        ((ModelConfig(name="hf", init_from=str(tmp_path / "partial.safetensors"), init_strict=False,
+                      args={"config": LLAMA}), fresh, True), False),
+        ((ModelConfig(name="hf", args={"path": str(path)}), fresh, True), True),  # the directory's own weights
+        ((ModelConfig(name="hf", init_from=str(path), args={"config": LLAMA},
+                      lora={"r": 4, "target_modules": ["q_proj"]}), resumed, True), True),  # frozen base: always
+        ((ModelConfig(name="tests.lora_tiny:peft_llama", init_from=str(path), args={"config": LLAMA}), fresh, True),
+         False),  # adapters its builder made: nothing would initialise them
+    ]
+    for (model, checkpoint, sharded), on_meta in cases:
+        module, init = run(model, checkpoint, sharded)
+        assert any(p.is_meta for p in module.parameters()) == on_meta, model
+        assert (init is not None) == (checkpoint is fresh or model.lora is not None), model
+        if model.init_strict is False:  # a plain build's weights, then the file's tensors over it
+            assert torch.equal(module.lm_head.weight, plain.lm_head.weight)
+            init.load(module)
+            assert torch.equal(module.lm_head.weight, plain.lm_head.weight)
+            assert torch.equal(module.model.embed_tokens.weight, source.model.embed_tokens.weight)
+            assert not torch.equal(plain.model.embed_tokens.weight, source.model.embed_tokens.weight)
+
+
+def test_lora_adapters_start_the_same_on_a_meta_base_and_a_real_one():
+    from distrain.config import ModelConfig
+    from distrain.models import build_model
+
+    def adapters(empty):
+        torch.manual_seed(3)
+        model = build_model(ModelConfig(name="hf", lora={"r": 4, "target_modules": ["q_proj", "embed_tokens"]},
+                                        args={"config": LLAMA}), {"task": "lm"}, empty=empty)
+        return {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+    on_meta, real = adapters(True), adapters(False)
+    assert on_meta.keys() == real.keys() and len(on_meta) == 6  # A and B: the embedding, q in 2 layers
+    assert all(not p.is_meta and torch.equal(p, real[n]) for n, p in on_meta.items())
+    assert all(not p.any() for n, p in real.items() if "lora_B" in n)  # peft's init: B zero
+    assert all(p.std() > 0 for n, p in real.items() if "lora_A.default" in n)

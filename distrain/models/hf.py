@@ -10,6 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from ..config import ConfigError
+from .empty import building_on_meta
 
 AUTO_CLASS_BY_TASK = {"lm": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification",
                       "regression": "AutoModelForSequenceClassification"}
@@ -27,7 +28,8 @@ def hf(path: str | None = None, config: dict | None = None, auto_class: str | No
     auto = _auto_class(transformers, auto_class, task)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        if path is not None and any((Path(path) / f).is_file() for f in WEIGHT_FILES):
+        # on the meta device, the weights come from the sharded load (weights.init_source names them)
+        if has_weights(path) and not building_on_meta():
             model = auto.from_pretrained(path, config=hf_config, local_files_only=True, **kwargs)
         else:
             model = auto.from_config(hf_config, **kwargs)
@@ -39,6 +41,10 @@ def hf(path: str | None = None, config: dict | None = None, auto_class: str | No
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     return model
+
+
+def has_weights(path: str | None) -> bool:
+    return path is not None and any((Path(path) / f).is_file() for f in WEIGHT_FILES)
 
 
 def import_transformers():

@@ -65,6 +65,7 @@ class Spec:
     first_gpu: bool = False  # the process drives every visible GPU from the first one
     fp16: bool = True
     offload: bool = False
+    shards_blocks: bool = False  # shards strategy.fsdp_blocks one by one
     init_sharded: bool = False  # model.init_from goes into the sharded parameters after setup, slice by slice
 
     def build(self, ctx: StrategyContext) -> Strategy:
@@ -86,13 +87,17 @@ class Spec:
             raise ConfigError("strategy.offload", "CPU offload needs strategy.name=deepspeed")
         if self.offload and s.offload == "optimizer+params" and s.zero_stage != 3:
             raise ConfigError("strategy.offload", "offloading params needs strategy.zero_stage=3")
+        if s.fsdp_blocks and not self.shards_blocks:
+            raise ConfigError("strategy.fsdp_blocks", "names the blocks FSDP2 shards one by one: it needs "
+                                                      f"strategy.name=fsdp ({self.name} would ignore it)")
 
 
 STRATEGIES = {
     "single": Spec("single", "replicated:single", "full", needs_group=False, one_process=True),
     "dp": Spec("dp", "replicated:data_parallel", "full", needs_group=False, one_process=True, first_gpu=True),
     "ddp": Spec("ddp", "replicated:ddp", "full", needs_group=True),
-    "fsdp": Spec("fsdp", "fsdp:Fsdp", "dcp", needs_group=True, async_save=True, fp16=False, init_sharded=True),
+    "fsdp": Spec("fsdp", "fsdp:Fsdp", "dcp", needs_group=True, async_save=True, fp16=False,
+                 shards_blocks=True, init_sharded=True),
     "deepspeed": Spec("deepspeed", "deepspeed:DeepSpeed", "deepspeed", needs_group=True, offload=True),
 }
 

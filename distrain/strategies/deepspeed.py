@@ -25,7 +25,8 @@ def deepspeed_config(ctx) -> dict:
         # distrain decides where an optimizer step ends: the last micro-batch of an epoch's
         # short final batch comes earlier than a fixed count would say
         "managed_gradient_accumulation": False,
-        "gradient_clipping": ctx.grad_clip or 0.0,
+        # ZeRO-0 in fp32: distrain's own step clips, in place of the torch optimizer's (DeepSpeed.step)
+        "gradient_clipping": 0.0 if section.zero_stage == 0 and ctx.precision == "fp32" else ctx.grad_clip or 0.0,
         "zero_optimization": zero,
         # a non-finite gradient norm skips the step (fp32 and fp16 do so already)
         "bf16": {"enabled": ctx.precision == "bf16", "check_grad_overflow": True},
@@ -73,6 +74,7 @@ class DeepSpeed:
         self.engine, *_ = deepspeed.initialize(
             model=module, optimizer=self.optimizer, config=deepspeed_config(self.ctx), dist_init_required=False)
         self.module = self.engine.module
+        self.bare = self.engine.optimizer is self.optimizer  # ZeRO-0 in fp32: the weights are their own master
         model = self.engine
         if self.ctx.precision in common.AMP_DTYPES:
             model = HalfInputs(self.engine, common.AMP_DTYPES[self.ctx.precision])
@@ -87,6 +89,10 @@ class DeepSpeed:
         self.engine.backward(loss, scale_wrt_gas=False)  # the trainer already normalised the loss
 
     def step(self, grad_clip, grad_scale=None):
+        if self.bare:  # DeepSpeed would step with no norm and no non-finite check: distrain's plain step
+            with checked_step(self.optimizer, grad_clip, grad_scale) as norms:
+                self.engine.step()  # its gradient all-reduce, then the optimizer's step, then its bookkeeping
+            return norms[0]
         with scaled_gradients(self.engine, grad_scale):
             self.engine.step()
         norm = self.engine.get_global_grad_norm()  # inf when DeepSpeed skipped a non-finite step
@@ -145,10 +151,12 @@ class DeepSpeed:
         keys = self._optimizer_state_keys()
         out = {"world_size": self.ctx.env.world_size, "step": self._optimizer_step(), "params": {},
                **{k: {} for k in keys}}
+        full_param = (lambda p: p.detach()) if self.bare else safe_get_full_fp32_param
+        full_state = (lambda p, k: self.optimizer.state[p][k]) if self.bare else safe_get_full_optimizer_state
         for name, p in self._trainable().items():
-            out["params"][name] = safe_get_full_fp32_param(p).cpu()
+            out["params"][name] = full_param(p).cpu()
             for k in keys:
-                out[k][name] = safe_get_full_optimizer_state(p, k).cpu()
+                out[k][name] = full_state(p, k).cpu()
         return out
 
     def _scatter_universal(self, universal: dict) -> None:
@@ -165,7 +173,9 @@ class DeepSpeed:
                 if hasattr(p, "ds_id"):
                     _set_zero3_partition(p, value, k)
                 elif k is None:
-                    safe_set_full_fp32_param(p, value)
+                    safe_set_full_fp32_param(p, value)  # bare: nothing, the copy below sets the master itself
+                elif self.bare:
+                    self.optimizer.state[p][k].copy_(value.reshape(p.shape))
                 else:
                     safe_set_full_optimizer_state(p, value, k)
         # the compute copy of the weights follows the fp32 master
@@ -182,7 +192,8 @@ class DeepSpeed:
         """torch optimizers create their state at the first step; a resumed run must have it before
         that, on the flat fp32 partitions DeepSpeed hands to the optimizer."""
         zero = self.engine.optimizer
-        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups")
+        flats = list(self._trainable().values()) if self.bare else (
+            getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups"))
         for flat in flats:
             state = self.optimizer.state[flat]
             for k in keys:
@@ -212,6 +223,23 @@ def _set_zero3_partition(param, value, key) -> None:
     chunk = value.flatten()[start : start + part.numel()]
     part.data.zero_()
     part.data[: chunk.numel()].copy_(chunk)
+
+
+@contextlib.contextmanager
+def checked_step(optimizer, grad_clip: float | None, grad_scale: float | None):
+    """Inside this block optimizer.step() is distrain's plain step (rescale, norm, clip, update only when
+    finite, clear) on the gradients the engine has all-reduced; the yielded list receives its norm."""
+    norms, own_step, params = [], optimizer.step, [p for group in optimizer.param_groups for p in group["params"]]
+
+    def step(*args, **kwargs):
+        optimizer.step = own_step  # common.optimizer_step calls the optimizer's own
+        norms.append(common.optimizer_step(optimizer, params, grad_clip, grad_scale=grad_scale))
+
+    optimizer.step = step
+    try:
+        yield norms
+    finally:
+        vars(optimizer).pop("step", None)  # the class's step again
 
 
 @contextlib.contextmanager

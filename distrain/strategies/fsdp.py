@@ -3,6 +3,7 @@ Checkpoints are sharded DCP directories, which reshard on load to any world size
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -13,6 +14,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from ..config import ConfigError
 from ..models.blocks import block_class_names, find_blocks, unknown_class_names
+from ..models.empty import has_meta_parameters, materialize
 from . import common
 
 
@@ -37,12 +39,17 @@ class Fsdp:
         self.ctx = ctx
 
     def setup(self, module, make_optimizer) -> None:
-        module.to(self.ctx.device)
+        empty = has_meta_parameters(module)  # built for a file to fill: sharded first, then allocated
+        if not empty:
+            module.to(self.ctx.device)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.ctx.precision == "bf16" else MixedPrecisionPolicy()
         for unit in shard_units(module, self.ctx.section.fsdp_blocks):
             fully_shard(unit, mp_policy=mp)
         fully_shard(module, mp_policy=mp)
+        if empty:  # each rank allocates its shards only; the caller's init.load fills them
+            materialize(module, self.ctx.device)
+            logging.getLogger("distrain").info("model built on the meta device: each rank allocated its shards only")
         self.module = module
         self.model = common.maybe_compile(module, self.ctx.compile)
         self.params = [p for p in module.parameters() if p.requires_grad]
