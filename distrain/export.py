@@ -56,6 +56,9 @@ def _from_dcp(path: Path) -> dict:
 def _from_deepspeed(path: Path) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if not (path / "state").is_dir():  # a model with frozen parameters: its trained part, whole
+        universal = safe_load(path / "universal.pt")
+        return {**universal["params"], **universal.get("buffers", {})}
     model_files = sorted((path / "state").glob("*model_states.pt"))
     first = safe_load(model_files[0], map_location="cpu") if model_files else {}
     if model_files and not list((path / "state").glob("*optim_states.pt")):  # stage 0: a plain module state

@@ -18,11 +18,13 @@ def args_for(run, strategy, steps, record=None):
 STRATEGIES = {
     "ddp": ["strategy.name=ddp"],
     "fsdp": ["strategy.name=fsdp"],
+    "zero0": ["strategy.name=deepspeed", "strategy.zero_stage=0"],  # the weights are their own fp32 master
     "zero1": ["strategy.name=deepspeed", "strategy.zero_stage=1"],
     "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2"],
     "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"],
 }
-CASES = [("ddp", 1), ("ddp", 4), ("fsdp", 1), ("fsdp", 4), ("zero1", 4), ("zero2", 1), ("zero3", 1), ("zero3", 4)]
+CASES = [("ddp", 1), ("ddp", 4), ("fsdp", 1), ("fsdp", 4), ("zero0", 1), ("zero1", 4), ("zero2", 1), ("zero3", 1),
+         ("zero3", 4)]
 
 
 @pytest.fixture(scope="module")

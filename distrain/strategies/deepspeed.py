@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from . import common
+from . import common, deepspeed_state
 
 
 def deepspeed_config(ctx) -> dict:
@@ -94,8 +94,11 @@ class DeepSpeed:
                 self.engine.step()  # its gradient all-reduce, then the optimizer's step, then its bookkeeping
             return norms[0]
         with scaled_gradients(self.engine, grad_scale):
+            divisor = getattr(self.engine.optimizer, "loss_scale", 1.0)  # what the step divides the gradients by
             self.engine.step()
         norm = self.engine.get_global_grad_norm()  # inf when DeepSpeed skipped a non-finite step
+        if norm is not None and not self.ctx.section.zero_stage:  # ZeRO-0's 16-bit wrapper measures before it divides
+            norm = norm / divisor
         return torch.tensor(float("nan") if norm is None else float(norm))
 
     def full_state(self) -> dict:
@@ -119,110 +122,35 @@ class DeepSpeed:
         return {k: state[k] for k in self.module.state_dict() if k in state}
 
     def save(self, path, blocking=True) -> None:
+        universal = deepspeed_state.gather(self)  # collective
+        if not common.frozen_names(self.module):
+            self._save_own(path)
+        if self.ctx.env.is_main:
+            (path / "deepspeed").mkdir(exist_ok=True)
+            torch.save(universal, path / "deepspeed" / "universal.pt")
+
+    def _save_own(self, path) -> None:
+        """DeepSpeed's own files, a second copy of the state beside universal.pt: a model with frozen
+        parameters (LoRA) goes without them, its checkpoint stays the size of what trains."""
         # every rank writes its partition; `latest` is not needed (loads name the tag), one write fewer to fail
         with writes_kept_in_step(self.engine.checkpoint_engine) as write_errors:
             try:
-                # frozen parameters are left out: the model's build restores them
-                self.engine.save_checkpoint(str(path / "deepspeed"), tag="state", save_latest=False,
-                                            exclude_frozen_parameters=bool(common.frozen_names(self.module)))
+                self.engine.save_checkpoint(str(path / "deepspeed"), tag="state", save_latest=False)
             except OSError as e:  # a file it writes itself (a script copy): they come last, before the
                 write_errors.append(e)  # final barrier the other ranks wait in
                 torch.distributed.barrier()
-        universal = self._gather_universal()  # collective
         if write_errors:
             raise write_errors[0]
-        if self.ctx.env.is_main:
-            torch.save(universal, path / "deepspeed" / "universal.pt")
 
     def load(self, path) -> None:
         from ..checkpoint_io import safe_load
 
         universal = safe_load(path / "deepspeed" / "universal.pt")
-        if universal["world_size"] == self.ctx.env.world_size:
+        if (path / "deepspeed" / "state").is_dir() and universal["world_size"] == self.ctx.env.world_size:
             self.engine.load_checkpoint(str(path / "deepspeed"), tag="state",  # bitwise, DeepSpeed's own
                                         load_module_strict=not common.frozen_names(self.module))
-        else:
-            self._scatter_universal(universal)
-
-    def _gather_universal(self) -> dict:
-        """Per-parameter fp32 weights and optimizer state, whole: readable by any world size."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        keys = self._optimizer_state_keys()
-        out = {"world_size": self.ctx.env.world_size, "step": self._optimizer_step(), "params": {},
-               **{k: {} for k in keys}}
-        full_param = (lambda p: p.detach()) if self.bare else safe_get_full_fp32_param
-        full_state = (lambda p, k: self.optimizer.state[p][k]) if self.bare else safe_get_full_optimizer_state
-        for name, p in self._trainable().items():
-            out["params"][name] = full_param(p).cpu()
-            for k in keys:
-                out[k][name] = full_state(p, k).cpu()
-        return out
-
-    def _scatter_universal(self, universal: dict) -> None:
-        import deepspeed
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        keys = [k for k in universal if k not in ("world_size", "step", "params")]
-        self._materialize_optimizer_state(keys, universal["step"])
-        params = self._trainable()
-        device = self.ctx.device
-        for name, p in params.items():
-            for k in [None, *keys]:
-                value = universal["params" if k is None else k][name].to(device)
-                if hasattr(p, "ds_id"):
-                    _set_zero3_partition(p, value, k)
-                elif k is None:
-                    safe_set_full_fp32_param(p, value)  # bare: nothing, the copy below sets the master itself
-                elif self.bare:
-                    self.optimizer.state[p][k].copy_(value.reshape(p.shape))
-                else:
-                    safe_set_full_optimizer_state(p, value, k)
-        # the compute copy of the weights follows the fp32 master
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
-                                               enabled=self.ctx.section.zero_stage == 3):
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.data.copy_(universal["params"][name].to(p.device, p.dtype).reshape(p.shape))
-
-    def _trainable(self) -> dict:
-        return {name: p for name, p in self.module.named_parameters() if p.requires_grad}
-
-    def _materialize_optimizer_state(self, keys: list[str], step: int) -> None:
-        """torch optimizers create their state at the first step; a resumed run must have it before
-        that, on the flat fp32 partitions DeepSpeed hands to the optimizer."""
-        zero = self.engine.optimizer
-        flats = list(self._trainable().values()) if self.bare else (
-            getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups"))
-        for flat in flats:
-            state = self.optimizer.state[flat]
-            for k in keys:
-                state[k] = torch.zeros_like(flat)
-            state["step"] = torch.tensor(float(step))
-        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2 link per-parameter views lazily
-            zero._lazy_init_hp_params_optimizer_state()
-
-    def _optimizer_state_keys(self) -> list[str]:
-        for state in self.optimizer.state.values():
-            return sorted(k for k, v in state.items() if k != "step" and torch.is_tensor(v) and v.dim() > 0)
-        return []
-
-    def _optimizer_step(self) -> int:
-        for state in self.optimizer.state.values():
-            if "step" in state:
-                return int(state["step"])
-        return 0
-
-
-def _set_zero3_partition(param, value, key) -> None:
-    """This rank's slice of a full tensor into ZeRO-3's fp32 partition. DeepSpeed's own setter
-    overruns when the last rank's partition is padded (numel not divisible by the world size)."""
-    zero = param._z3_optimizer
-    part, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
-    start = part.numel() * zero._get_param_partition_rank(param)
-    chunk = value.flatten()[start : start + part.numel()]
-    part.data.zero_()
-    part.data[: chunk.numel()].copy_(chunk)
+        else:  # as bitwise on the same world size: the fp32 masters and the optimizer state, exactly
+            deepspeed_state.scatter(self, universal)
 
 
 @contextlib.contextmanager
