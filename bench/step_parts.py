@@ -33,7 +33,7 @@ def distrain_trainer(model: str, batch: int):
 
     captured = []
 
-    def capture(self):
+    def capture(self, on_start=None):
         captured.append(self)
         return self.summary(time.perf_counter(), 0, preempted=False)
 

@@ -20,7 +20,9 @@ Exactness: a step's gradient is the gradient of (sum of loss_sum over the global
   micro-batch's loss_sum * world_size / global_count (strategies average gradients over
   ranks, hence the world_size). Nothing is rescaled afterwards; clipping and the gradient
   norm see the final gradient. In-memory tuple sets whose targets hold no -100 count the
-  same items per sample: there the count is known from the sample count, no all-reduce.
+  same items per sample: there the count is known from the sample count, no all-reduce,
+  and where a rank's one micro-batch is exactly its even share of the step, the plain
+  `reduction="mean"` loss is already that gradient (`StepScale.plain_mean`).
 - Count from the output (a user function): each micro-batch back-propagates
   loss_sum * world_size / global_batch_samples (a rank-independent scale that keeps the
   magnitudes those of a mean), the counts are all-reduced after the last backward, and the
@@ -89,21 +91,36 @@ class TaskLoss:
         loss_sum, _, count = self.eval_sums(output, batch, want_correct=False)
         return loss_sum, count
 
+    def mean(self, output, batch) -> torch.Tensor:
+        """The plain mean over the micro-batch's items (`reduction="mean"`): a step's gradient
+        where StepScale.plain_mean says so."""
+        return self._reduce(*self._pair(output, batch), "mean")
+
     def eval_sums(self, output, batch, want_correct: bool = True):
+        pred, y = self._pair(output, batch)
+        loss_sum = self._reduce(pred, y, "sum")
+        if self.task == "regression":
+            return loss_sum, None, torch.tensor(y.numel(), device=loss_sum.device)
+        counted = y != IGNORE_INDEX
+        correct = ((pred.argmax(-1) == y) & counted).sum() if want_correct else None
+        return loss_sum, correct, counted.sum()
+
+    def _pair(self, output, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predictions, targets) in the shapes and dtypes the task's loss takes."""
         logits, y = logits_of(output, self.model_name), target(batch)
         if y is None:
             raise ConfigError("data.name", f"the {self.task} task needs targets: a dict batch needs 'labels' "
                                            f"(got keys {', '.join(batch)})")
         if self.task == "regression":
-            loss_sum = F.mse_loss(logits.float().reshape(y.shape), y.float(), reduction="sum")
-            return loss_sum, None, torch.tensor(y.numel(), device=loss_sum.device)
+            return logits.float().reshape(y.shape), y.float()
         if self.shifted(batch):  # position t predicts label t+1
             logits, y = logits[..., :-1, :], y[..., 1:]
-        logits, y = logits.flatten(0, -2).float(), y.flatten()
-        loss_sum = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
-        counted = y != IGNORE_INDEX
-        correct = ((logits.argmax(-1) == y) & counted).sum() if want_correct else None
-        return loss_sum, correct, counted.sum()
+        return logits.flatten(0, -2).float(), y.flatten()
+
+    def _reduce(self, pred, y, reduction: str) -> torch.Tensor:
+        if self.task == "regression":
+            return F.mse_loss(pred, y, reduction=reduction)
+        return F.cross_entropy(pred, y, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 class ModelLoss:
@@ -187,6 +204,14 @@ class StepScale:
     def __init__(self, objective, comm, world_size: int, items_per_sample: int | None = None):
         self.objective, self.comm, self.world_size = objective, comm, world_size
         self.items_per_sample = items_per_sample
+
+    def plain_mean(self, step) -> bool:
+        """Whether the plain mean loss of this rank's one micro-batch is the step's gradient: every
+        sample counts the same items and the rank holds exactly 1/world_size of the step's samples,
+        so its sum x `before`'s factor is its mean. The hand-written loop's arithmetic, without a
+        count or a scale."""
+        return (self.items_per_sample is not None and len(step.real) == 1
+                and step.real[0] * self.world_size == step.global_size)
 
     def before(self, step, micro: list) -> float | torch.Tensor:
         if self.items_per_sample is not None:  # every sample counts the same: no all-reduce needed

@@ -179,10 +179,17 @@ class Trainer:
         with phase("data"):
             batch, micro = self.loader.next_step()
         set_lr(s.optimizer, lr_at(self.step, self.cfg.optim.lr, self.cfg.sched, self.total_steps))
+        plain = not self.cfg.train.compile and self.scale.plain_mean(batch)
+        losses, grad_scale = (self.mean_step if plain else self.sum_steps)(batch, micro)
+        with phase("optimizer"):
+            self.norms.append((self.step + 1, s.step(self.cfg.train.grad_clip, grad_scale)))
+        return losses, batch.global_size
+
+    def sum_steps(self, batch, micro: list):
+        s, phase = self.strategy, self.phases
         with phase("count"):
             scale = self.scale.before(batch, micro)  # 1 / the step's item count over all ranks (objectives)
-        losses = []  # (micro-batch mean loss, items) pairs, summed only at log lines
-        last = len(micro) - 1
+        losses, last = [], len(micro) - 1  # (micro-batch mean loss, items) pairs, summed only at log lines
         for i, (mb, real) in enumerate(zip(micro, batch.real)):
             with s.micro_step(sync=i == last):
                 with phase("forward"):
@@ -193,10 +200,17 @@ class Trainer:
                     s.backward(loss_sum * (scale if real else 0.0))
             if real:
                 losses.append(self.mean_and_count(loss_sum, count))
-        grad_scale = self.scale.after(batch, [n for _, n in losses])  # counts known only now: rescale
-        with phase("optimizer"):
-            self.norms.append((self.step + 1, s.step(self.cfg.train.grad_clip, grad_scale)))
-        return losses, batch.global_size
+        return losses, self.scale.after(batch, [n for _, n in losses])  # counts known only now: rescale
+
+    def mean_step(self, batch, micro: list):
+        """StepScale.plain_mean's step (not under train.compile: that compiles the (sum, count) loss)."""
+        s, phase, mb, items = self.strategy, self.phases, micro[0], batch.real[0] * self.scale.items_per_sample
+        with s.micro_step(sync=True):
+            with phase("forward"):
+                loss = self.objective.mean(call_model(s.model, mb), mb)
+            with phase("backward"):
+                s.backward(loss)
+        return [(loss.item() if self.loss_on_host else loss.detach(), items)], None
 
     def mean_and_count(self, loss_sum, count):
         if self.loss_on_host:

@@ -191,3 +191,31 @@ def test_an_unknown_loss_source_is_a_config_mistake():
     with pytest.raises(ConfigError, match="must be task, model or pkg.module:fn .*did you mean 'model'") as e:
         load_config(None, ["train.max_steps=1", "train.loss=modle"])
     assert e.value.key == "train.loss"
+
+
+def test_the_plain_mean_is_the_step_gradient_where_a_rank_holds_its_even_share():
+    """StepScale.plain_mean: one micro-batch, 1/world_size of the step, a static item count. There
+    TaskLoss.mean is the hand-written loop's loss bit for bit, and its gradient is the (sum, count)
+    path's; anywhere else the plain mean is not used."""
+    task = TaskLoss("classification", "M")
+    scale = StepScale(task, None, 2, items_per_sample=1)
+    assert scale.plain_mean(StepBatch([None], [32], 64))
+    assert not scale.plain_mean(StepBatch([None], [15], 29))  # the epoch's tail, split 15 + 14
+    assert not scale.plain_mean(StepBatch([None, None], [16, 16], 64))  # accumulation: the sum path
+    assert not StepScale(task, None, 2).plain_mean(StepBatch([None], [32], 64))  # counts known only from labels
+    torch.manual_seed(0)
+    model = nn.Linear(5, 4)
+    for task_name, rows, y in [("classification", 29, torch.randint(0, 4, (29,))),
+                               ("regression", 6, torch.randn(6, 4)), ("lm", 3, torch.randint(0, 4, (3, 7)))]:
+        x = torch.randn(rows, 7, 5) if task_name == "lm" else torch.randn(rows, 5)
+        objective, items = TaskLoss(task_name, "M"), y[0].numel()
+        mean = objective.mean(model(x), (x, y))
+        if task_name == "classification":
+            assert torch.equal(mean, F.cross_entropy(model(x), y))
+        grads = []
+        for loss in (mean, objective.loss(model(x), (x, y))[0] * StepScale(objective, None, 1, items).before(
+                StepBatch([None], [rows], rows), [])):
+            model.zero_grad()
+            loss.backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-8) for a, b in zip(*grads)), task_name

@@ -3,6 +3,7 @@ step with clipping and the non-finite check, and plain-file model/optimizer chec
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ def optimizer_step(optimizer, params: list, grad_clip: float | None, scaler=None
     if scaler is not None:
         scaler.step(optimizer)  # GradScaler skips on inf itself and lowers its scale
         scaler.update()
-    elif bool(torch.isfinite(norm)):
+    elif math.isfinite(norm.item()):  # torch.isfinite of one number is four kernels (~15 us on a CPU)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm.detach()
