@@ -26,7 +26,7 @@ def evaluate(strategy, dataset, objective, batch_size: int, device: torch.device
     with strategy.micro_step(sync=True):
         for b, idx in mine:
             batch = fetch(dataset, idx if len(idx) else range(1), device, collate)
-            out = call_model(model, batch)
+            out = call_model(model, batch, objective.without_labels)
             if len(idx):
                 loss_sum, correct, count = objective.eval_sums(out, batch)
                 rows[b, 0] = loss_sum.double().item()

@@ -45,7 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import ConfigError
-from .data.batch import IGNORE_INDEX, count_items, is_dict, model_class_name, target
+from .data.batch import IGNORE_INDEX, count_items, is_dict, labels_only_for_loss, model_class_name, target
 
 TASKS = ("classification", "regression", "lm")
 
@@ -73,10 +73,10 @@ class TaskLoss:
 
     counts_before_forward = True
 
-    def __init__(self, task: str, model_name: str):
+    def __init__(self, task: str, model_name: str, without_labels: bool = False):
         if task not in TASKS:
             raise ConfigError("data.task", f"unknown task {task!r} (choose from {', '.join(TASKS)})")
-        self.task, self.model_name = task, model_name
+        self.task, self.model_name, self.without_labels = task, model_name, without_labels
         self.has_accuracy = task in ("classification", "lm")
 
     def count(self, batch) -> torch.Tensor:
@@ -127,6 +127,7 @@ class ModelLoss:
     """The model's own loss, the mean over the labels it counts (Hugging Face's convention)."""
 
     counts_before_forward = True
+    without_labels = False
 
     def __init__(self, task: str, module: nn.Module):
         self.task, self.model_name = task, model_class_name(module)
@@ -156,6 +157,7 @@ class FunctionLoss:
 
     counts_before_forward = False
     has_accuracy = False
+    without_labels = False
 
     def __init__(self, name: str, fn: Callable, task: str):
         self.name, self.fn, self.task = name, fn, task
@@ -177,7 +179,7 @@ class FunctionLoss:
 def build_objective(source: str, task: str, module: nn.Module):
     """`train.loss`: task | model | pkg.module:fn."""
     if source == "task":
-        return TaskLoss(task, model_class_name(module))
+        return TaskLoss(task, model_class_name(module), labels_only_for_loss(module))
     if source == "model":
         return ModelLoss(task, module)
     from .imports import resolve

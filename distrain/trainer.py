@@ -121,7 +121,7 @@ class Trainer:
         model = self.strategy.model
         model.eval()  # no dropout draw, no batch-norm update: the run's state is untouched
         with torch.no_grad(), self.strategy.micro_step(sync=True):
-            self.objective.loss(call_model(model, batch), batch)
+            self.objective.loss(call_model(model, batch, self.objective.without_labels), batch)
         model.train()
 
     def resume(self) -> None:
@@ -193,7 +193,7 @@ class Trainer:
         for i, (mb, real) in enumerate(zip(micro, batch.real)):
             with s.micro_step(sync=i == last):
                 with phase("forward"):
-                    loss_sum, count = self.loss(call_model(s.model, mb), mb)
+                    loss_sum, count = self.loss(call_model(s.model, mb, self.objective.without_labels), mb)
                 with phase("backward"):
                     # every micro-batch's sum over the global count: the gradient is the mean over the
                     # global batch's items however they are split (a stand-in micro-batch counts nothing)
@@ -207,7 +207,7 @@ class Trainer:
         s, phase, mb, items = self.strategy, self.phases, micro[0], batch.real[0] * self.scale.items_per_sample
         with s.micro_step(sync=True):
             with phase("forward"):
-                loss = self.objective.mean(call_model(s.model, mb), mb)
+                loss = self.objective.mean(call_model(s.model, mb, self.objective.without_labels), mb)
             with phase("backward"):
                 s.backward(loss)
         return [(loss.item() if self.loss_on_host else loss.detach(), items)], None

@@ -1,11 +1,10 @@
 """Checkpoint protocol, fallback, safety, config checks, retention and export (single process: fast)."""
-import pickle
 import zipfile
 
 import pytest
 import torch
 
-from conftest import CONFIGS, final_weights, run_train, train_inprocess
+from conftest import CONFIGS, final_weights, train_inprocess
 
 BASE = ["--config", CONFIGS / "digits_mlp.yaml", "strategy.name=single", "train.epochs=null", "train.log_every=5",
         "checkpoint.every_steps=5", "checkpoint.keep_last=10", "model.hidden=[16]"]

@@ -127,3 +127,24 @@ def test_fsdp_shards_hugging_face_blocks_and_the_named_classes_of_other_models()
     with pytest.raises(ConfigError, match="has no sub-module of class BasikBlock") as e:
         shard_units(resnet, ["BasikBlock"])
     assert e.value.key == "strategy.fsdp_blocks"
+
+
+def test_under_the_task_loss_a_head_whose_labels_only_feed_its_loss_is_called_without_them():
+    from distrain.data.batch import call_model
+    from distrain.objectives import build_objective
+
+    T5 = {"model_type": "t5", "vocab_size": 64, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1,
+          "num_heads": 2, "decoder_start_token_id": 0}
+    cases = [(LLAMA, "lm", None, True), (BERT, "classification", None, True), (T5, "lm", "AutoModelForSeq2SeqLM", False)]
+    for config, task, auto, expected in cases:
+        model = hf(config=config, task=task, num_classes=3, auto_class=auto)
+        assert build_objective("task", task, model).without_labels is expected, config["model_type"]
+        assert build_objective("model", task, model).without_labels is False  # its own loss needs them
+    torch.manual_seed(0)
+    model = hf(config=LLAMA, task="lm").eval()
+    batch = collate(masked_samples(2, 8, seed=0))
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    bare, full = call_model(model, batch, without_labels=True), call_model(model, batch)
+    assert seen == [{"input_ids", "attention_mask"}, {"input_ids", "attention_mask", "labels"}]
+    assert bare.loss is None and full.loss is not None and torch.equal(bare.logits, full.logits)

@@ -39,8 +39,20 @@ def to_device(batch, device: torch.device):
     return batch
 
 
-def call_model(model: nn.Module, batch):
+# Hugging Face heads whose forward uses `labels` only to compute a loss: under the task's loss,
+# which reads them from the batch, the model is called without them (not a second loss per step)
+LOSS_ONLY_LABELS = ("ForCausalLM", "ForSequenceClassification", "ForTokenClassification", "ForMaskedLM",
+                    "ForImageClassification")
+
+
+def labels_only_for_loss(module: nn.Module) -> bool:
+    return hasattr(module, "loss_function") and model_class_name(module).endswith(LOSS_ONLY_LABELS)
+
+
+def call_model(model: nn.Module, batch, without_labels: bool = False):
     if is_dict(batch):
+        if without_labels and LABELS in batch:
+            batch = {k: v for k, v in batch.items() if k != LABELS}
         return model(**batch)
     return model(batch[0])
 
