@@ -17,6 +17,33 @@ CLUSTER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_R
 
 torch.set_num_threads(1)
 
+# The rest of a test matrix whose default cases already cover every strategy and code path
+# (another kill point, another loss source on a strategy checked with one): `pytest --extended`.
+EXTENDED = pytest.mark.extended
+
+
+def pytest_addoption(parser):
+    parser.addoption("--extended", action="store_true", help="also run the extended matrix cases")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "extended: a further case of a matrix; run with --extended")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--extended"):
+        return
+    skip = pytest.mark.skip(reason="extended matrix case: pytest --extended")
+    for item in items:
+        if "extended" in item.keywords:
+            item.add_marker(skip)
+
+
+def extended(cases: list, chosen) -> list:
+    """cases, those in `chosen` marked extended."""
+    values = [c if isinstance(c, tuple) else (c,) for c in cases]
+    return [pytest.param(*v, marks=EXTENDED if c in chosen else ()) for c, v in zip(cases, values)]
+
 
 def clean_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS}

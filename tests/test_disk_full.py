@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, ROOT, clean_env, final_weights, run_train
+from conftest import CONFIGS, ROOT, clean_env, extended, final_weights, run_train
 from gates import open_gate, wait_for_gate
 
 STEPS, EVERY = 24, 8
@@ -98,7 +98,8 @@ def committed(checkpoints: Path) -> dict:
             for p in files if not p.relative_to(checkpoints).parts[0].startswith(".")}
 
 
-@pytest.mark.parametrize("name, where", CASES, ids=[f"{n}-{w}" for n, w in CASES])
+@pytest.mark.parametrize("name, where", extended(CASES, {("fsdp", "writing"), ("ddp", "writing")}),
+                         ids=[f"{n}-{w}" for n, w in CASES])
 def test_disk_full_during_a_checkpoint_stops_cleanly_and_resumes_exactly(name, where, small_fs, references, tmp_path):
     nproc, strategy = STRATEGIES[name]
     accumulation = 4 if nproc == 0 else 2

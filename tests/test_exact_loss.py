@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import final_weights, max_abs_diff, metrics, run_train, train_inprocess
+from conftest import extended, final_weights, max_abs_diff, metrics, run_train, train_inprocess
 from tests.hf_tiny import LLAMA
 
 GLOBAL = 8
@@ -46,7 +46,13 @@ def reference(tmp_path_factory):
     return tmp / "run"
 
 
-@pytest.mark.parametrize("strategy, loss", CASES, ids=[f"{s}-{loss.split(':')[-1]}" for s, loss in CASES])
+# by default each strategy with one source at least, each source on several strategies
+EXTENDED_CASES = {("ddp", FN), ("ddp_plain", "model"), ("fsdp", FN), ("zero0", "model"), ("zero1", "model"),
+                  ("zero1", FN), ("zero2", "model"), ("zero3", FN)}
+
+
+@pytest.mark.parametrize("strategy, loss", extended(CASES, EXTENDED_CASES),
+                         ids=[f"{s}-{loss.split(':')[-1]}" for s, loss in CASES])
 def test_ranks_and_accumulation_match_one_process(strategy, loss, reference, tmp_path):
     run, (args, nproc) = tmp_path / "run", STRATEGIES[strategy]
     args = ["--config", config_file(tmp_path, loss, micro=2), f"run.dir={run}", *args]

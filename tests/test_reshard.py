@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import CONFIGS, final_weights, max_abs_diff, run_train
+from conftest import CONFIGS, extended, final_weights, max_abs_diff, run_train
 
 N_TRAIN, GLOBAL = 384, 32  # 12 steps per epoch; every world size divides the batch: no stand-ins
 
@@ -40,7 +40,8 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name, new_world", CASES, ids=[f"{n}-2to{w}" for n, w in CASES])
+@pytest.mark.parametrize("name, new_world", extended(CASES, {("zero1", 4), ("zero3", 4)}),
+                         ids=[f"{n}-2to{w}" for n, w in CASES])
 def test_resume_on_another_world_size(name, new_world, uninterrupted, tmp_path):
     run, record = tmp_path / "run", tmp_path / "ids"
     run_train(args_for(run, STRATEGIES[name], steps=5, record=record), nproc=2)  # stops 5 steps into the epoch
