@@ -47,7 +47,7 @@ def reference(tmp_path_factory):
 
 
 # by default each strategy with one source at least, each source on several strategies
-EXTENDED_CASES = {("ddp", FN), ("ddp_plain", "model"), ("fsdp", FN), ("zero0", "model"), ("zero1", "model"),
+EXTENDED_CASES = {("ddp", "model"), ("ddp", FN), ("ddp_plain", "model"), ("fsdp", FN), ("zero0", "model"), ("zero1", "model"),
                   ("zero1", FN), ("zero2", "model"), ("zero3", FN)}
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import final_weights, max_abs_diff, metrics, run_train
+from conftest import extended, final_weights, max_abs_diff, metrics, run_train
 from tests.hf_tiny import BERT, GPT2, LLAMA
 
 STRATEGIES = {"single": (0, ["strategy.name=single"]), "ddp": (2, ["strategy.name=ddp"]),
@@ -48,7 +48,9 @@ def single_runs(tmp_path_factory):
 CASES = [(w, s) for w in ("gpt2", "bert", "torchvision") for s in ("ddp", "fsdp", "zero3")] + [("llama", "single")]
 
 
-@pytest.mark.parametrize("workload, strategy", CASES, ids=[f"{w}-{s}" for w, s in CASES])
+@pytest.mark.parametrize("workload, strategy", extended(CASES, {("bert", "ddp"), ("bert", "zero3"), ("torchvision", "fsdp"),
+                                                                 ("torchvision", "zero3")}),
+                         ids=[f"{w}-{s}" for w, s in CASES])
 def test_trains_under_the_strategy_like_one_process(workload, strategy, single_runs, tmp_path):
     reference = single_runs(workload)
     nproc, args = STRATEGIES[strategy]

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from conftest import CONFIGS, final_weights, run_train
+from conftest import CONFIGS, extended, final_weights, run_train
 from corpora import documents, train_tokenizer, write_parquet
 from lm_faults import recorded_rows
 from streams_tiny import Unsharded, windows
@@ -153,7 +153,8 @@ def test_sigkill_at_a_random_point_then_resume_is_bitwise_exact(source, nproc, r
 RESHARD = [("torch", 1), ("torch", 4), ("hf", 1)]
 
 
-@pytest.mark.parametrize("source, new_world", RESHARD, ids=[f"{s}-2to{w}" for s, w in RESHARD])
+@pytest.mark.parametrize("source, new_world", extended(RESHARD, {("torch", 1)}),
+                         ids=[f"{s}-2to{w}" for s, w in RESHARD])
 def test_resume_on_another_world_size_uses_each_sample_once(source, new_world, request, tmp_path):
     src = SOURCES[source](request)
     expected = source_windows(src)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIGS, ROOT, clean_env, final_weights, run_train
+from conftest import CONFIGS, ROOT, clean_env, extended, final_weights, run_train
 from corpora import documents, train_tokenizer, write_parquet, write_text
 from lm_faults import recorded_rows
 
@@ -131,7 +131,8 @@ def test_sigkill_at_a_random_point_then_resume_is_bitwise_exact(source, nproc, w
 RESHARD = [("tokens", 1), ("tokens", 4), ("hf", 1), ("hf", 4)]
 
 
-@pytest.mark.parametrize("source, new_world", RESHARD, ids=[f"{s}-2to{w}" for s, w in RESHARD])
+@pytest.mark.parametrize("source, new_world", extended(RESHARD, {("tokens", 1), ("hf", 4)}),
+                         ids=[f"{s}-2to{w}" for s, w in RESHARD])
 def test_resume_on_another_world_size_sees_each_window_once(source, new_world, data, tmp_path):
     train, _, _ = train_set(data, source)
     window_of = {tuple(train[i][0].tolist()): i for i in range(len(train))}
