@@ -100,7 +100,7 @@ def resume_args(tmp_path, run, strategy, steps, **kill):
     return ["--config", path, f"run.dir={run}", f"strategy.name={strategy}"]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", extended(["ddp", "fsdp"], {"fsdp"}))
 def test_sigkill_then_the_same_command_is_bitwise_exact(strategy, tmp_path):
     reference = tmp_path / "reference"
     run_train(resume_args(tmp_path, reference, strategy, 6), nproc=2)

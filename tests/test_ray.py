@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, ROOT, clean_env, final_weights, max_abs_diff, run_train
+from conftest import CONFIGS, EXTENDED, ROOT, clean_env, final_weights, max_abs_diff, run_train
 
 # Loopback. Ray replaces 127.0.0.1 itself by the machine's outward address; the rest of 127/8 it keeps.
 IP = "127.0.0.2"
@@ -99,6 +99,7 @@ def test_a_killed_worker_restarts_the_group_which_resumes_bitwise(cluster, unint
     assert all(ours[k].equal(theirs[k]) for k in theirs)
 
 
+@EXTENDED
 def test_a_restart_on_one_worker_resumes_on_world_size_1_seeing_every_sample_once(cluster, tmp_path):
     run, record = tmp_path / "run", tmp_path / "record"
     epoch = ["data.name=tests.faults:indexed_digits", "data.n_train=384", "train.max_steps=6",  # 6 steps = 1 epoch

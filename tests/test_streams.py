@@ -135,7 +135,7 @@ def source_windows(source_args) -> list[tuple]:
 KILLS = [("torch", 2), ("hf", 1)]
 
 
-@pytest.mark.parametrize("source, nproc", KILLS, ids=[f"{s}-{n}proc" for s, n in KILLS])
+@pytest.mark.parametrize("source, nproc", extended(KILLS, {("hf", 1)}), ids=[f"{s}-{n}proc" for s, n in KILLS])
 def test_sigkill_at_a_random_point_then_resume_is_bitwise_exact(source, nproc, request, tmp_path):
     src = SOURCES[source](request)
     reference = tmp_path / "reference"

@@ -114,7 +114,8 @@ def reference(data, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("source, nproc, workers", KILLS, ids=[f"{s}-{n}proc-{w}workers" for s, n, w in KILLS])
+@pytest.mark.parametrize("source, nproc, workers", extended(KILLS, {("tokens", 1, 0)}),
+                         ids=[f"{s}-{n}proc-{w}workers" for s, n, w in KILLS])
 def test_sigkill_at_a_random_point_then_resume_is_bitwise_exact(source, nproc, workers, data, reference, tmp_path):
     forwards, first_checkpoint = STEPS * GLOBAL // 8 // nproc, EVERY * GLOBAL // 8 // nproc  # micro-batches of 8
     kill_at = random.Random(f"{source}{nproc}").randrange(first_checkpoint + 1, forwards - 1)
