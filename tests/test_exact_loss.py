@@ -47,8 +47,8 @@ def reference(tmp_path_factory):
 
 
 # by default each strategy with one source at least, each source on several strategies
-EXTENDED_CASES = {("ddp", "model"), ("ddp", FN), ("ddp_plain", "model"), ("fsdp", FN), ("zero0", "model"), ("zero1", "model"),
-                  ("zero1", FN), ("zero2", "model"), ("zero3", FN)}
+EXTENDED_CASES = {("ddp", "model"), ("ddp", FN), ("ddp_plain", "model"), ("fsdp", FN), ("zero0", "model"),
+                  ("zero1", "model"), ("zero1", FN), ("zero2", "model"), ("zero3", FN)}
 
 
 @pytest.mark.parametrize("strategy, loss", extended(CASES, EXTENDED_CASES),

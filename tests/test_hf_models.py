@@ -48,8 +48,8 @@ def single_runs(tmp_path_factory):
 CASES = [(w, s) for w in ("gpt2", "bert", "torchvision") for s in ("ddp", "fsdp", "zero3")] + [("llama", "single")]
 
 
-@pytest.mark.parametrize("workload, strategy", extended(CASES, {("bert", "ddp"), ("bert", "zero3"), ("torchvision", "fsdp"),
-                                                                 ("torchvision", "zero3")}),
+@pytest.mark.parametrize("workload, strategy", extended(CASES, {
+    ("gpt2", "ddp"), ("bert", "ddp"), ("bert", "zero3"), ("torchvision", "fsdp"), ("torchvision", "zero3")}),
                          ids=[f"{w}-{s}" for w, s in CASES])
 def test_trains_under_the_strategy_like_one_process(workload, strategy, single_runs, tmp_path):
     reference = single_runs(workload)

@@ -114,7 +114,7 @@ def reference(data, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("source, nproc, workers", extended(KILLS, {("tokens", 1, 0)}),
+@pytest.mark.parametrize("source, nproc, workers", extended(KILLS, {("tokens", 1, 0), ("hf", 1, 1)}),
                          ids=[f"{s}-{n}proc-{w}workers" for s, n, w in KILLS])
 def test_sigkill_at_a_random_point_then_resume_is_bitwise_exact(source, nproc, workers, data, reference, tmp_path):
     forwards, first_checkpoint = STEPS * GLOBAL // 8 // nproc, EVERY * GLOBAL // 8 // nproc  # micro-batches of 8
