@@ -143,7 +143,7 @@ def test_bad_inputs_exit_2_with_one_line(overrides, expected, tmp_path):
     assert expected in one_line_exit_2(tmp_path, *overrides)
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", extended(["fsdp", "zero3"], {"zero3"}))
 def test_bf16_with_activation_checkpointing_trains_close_to_fp32(strategy, single_runs, tmp_path):
     nproc, args = STRATEGIES[strategy]
     run = tmp_path / "run"
