@@ -4,6 +4,7 @@ Llama-style model (float32, ~400 MB), saved sharded with save_pretrained.
     python bench/weights.py export [--rounds 5]   # save_safetensors vs safetensors.torch.save_file
     python bench/weights.py load [--rounds 3]     # init_from on one process vs from_pretrained
     python bench/weights.py fsdp                  # 2 gloo ranks: peak RSS raised by build + load, per rank
+    python bench/weights.py zero3                 # the same under DeepSpeed ZeRO-3's partitioning
 
 Method: export alternates the two writers (A B A B ...) on the same state into the same
 directory, medians with min-max. load starts one fresh process per measurement, alternating,
@@ -13,7 +14,10 @@ shards with fully_shard and loads, one torchrun each way: `meta` is distrain's f
 (parameters built on the meta device, each rank allocates its shards and reads its slices),
 `built` the model built whole with random weights on every rank before sharding and reading
 the slices, `naive` that build then every rank reading the whole file (set_model_state_dict);
-the raise of each rank's peak RSS is compared with its shard + the largest tensor.
+the raise of each rank's peak RSS is compared with its shard + the largest tensor. zero3 does
+the same with DeepSpeed's partitioning (zero.Init on the built module): `meta` is distrain's
+ZeRO-3 path (one module's parameters allocated and read whole at a time, then partitioned),
+`built` the model built and loaded whole on every rank, then partitioned.
 """
 from __future__ import annotations
 
@@ -80,10 +84,13 @@ def bench_export(rounds: int, directory: Path) -> dict:
 
 def load_child(how: str, path: str) -> None:
     start = time.perf_counter()
-    if how == "distrain":
+    if how == "distrain":  # its path for a model the files fill: built on meta, allocated, then read
+        from distrain.models.empty import materialize, parameters_on_meta
         from distrain.weights import load_planned, plan_init
 
-        model = build(path)
+        with parameters_on_meta():
+            model = build(path)
+        materialize(model, torch.device("cpu"))
         load_planned(model, *plan_init(model, path))
     else:
         from transformers import AutoModelForCausalLM
@@ -146,6 +153,37 @@ def fsdp_worker(how: str, path: str) -> None:
     dist.destroy_process_group()
 
 
+def zero3_worker(how: str, path: str) -> None:
+    """One rank: the peak RSS raised by build + load + ZeRO-3 partitioning, over the RSS after the imports."""
+    import deepspeed
+    import transformers.models.llama.modeling_llama  # noqa: F401 - before the mark: the build is measured
+
+    from distrain.models.empty import parameters_on_meta
+    from distrain.strategies.deepspeed import partition_from_files
+    from distrain.weights import InitWeights, load_planned, plan_init
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    config = {"train_batch_size": 2, "zero_optimization": {"stage": 3}}
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status("VmRSS")
+    if how == "meta":  # distrain's ZeRO-3 path: one module's parameters whole at a time, then partitioned
+        with parameters_on_meta():
+            model = build(path)
+        partition_from_files(model, InitWeights(*plan_init(model, path)), config, torch.device("cpu"), None)
+    else:  # built and loaded whole on every rank, then partitioned, as the engine does with such a model
+        model = build(path)
+        load_planned(model, *plan_init(model, path))
+        deepspeed.zero.Init(module=model, config_dict_or_path=config, mem_efficient_linear=False)
+    raised = _status("VmHWM") - before
+    shard = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters())
+    largest = max(p.ds_numel * p.ds_tensor.element_size() for p in model.parameters())
+    rank = torch.distributed.get_rank()
+    row = {"rank": rank, "how": how, "raised_mib": raised / 2**20, "shard_mib": shard / 2**20,
+           "largest_mib": largest / 2**20}
+    (Path(path).parent / f"zero3-{how}-rank{rank}.json").write_text(json.dumps(row))
+
+
 def _status(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -153,18 +191,18 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
-def bench_fsdp(directory: Path) -> list:
+def bench_sharded(kind: str, hows: tuple, directory: Path) -> list:
     path = saved_model(directory)
     rows = []
-    for how in ("meta", "built", "naive"):
+    for how in hows:
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        __file__, "fsdp-worker", how, str(path)], capture_output=True, text=True, check=True,
+                        __file__, f"{kind}-worker", how, str(path)], capture_output=True, text=True, check=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
         for rank in (0, 1):
-            row = json.loads((path.parent / f"fsdp-{how}-rank{rank}.json").read_text())
+            row = json.loads((path.parent / f"{kind}-{how}-rank{rank}.json").read_text())
             row["bound_mib"] = 1.1 * (row["shard_mib"] + row["largest_mib"])
             rows.append(row)
-            print(f"fsdp {how} rank {rank}: peak RSS raised {row['raised_mib']:.0f} MiB; shard "
+            print(f"{kind} {how} rank {rank}: peak RSS raised {row['raised_mib']:.0f} MiB; shard "
                   f"{row['shard_mib']:.0f} MiB + largest tensor {row['largest_mib']:.0f} MiB, +10% = "
                   f"{row['bound_mib']:.0f} MiB")
     return rows
@@ -173,10 +211,10 @@ def bench_fsdp(directory: Path) -> list:
 def main() -> None:
     if sys.argv[1] == "load-child":
         return load_child(sys.argv[2], sys.argv[3])
-    if sys.argv[1] == "fsdp-worker":
-        return fsdp_worker(sys.argv[2], sys.argv[3])
+    if sys.argv[1].endswith("-worker"):
+        return {"fsdp-worker": fsdp_worker, "zero3-worker": zero3_worker}[sys.argv[1]](sys.argv[2], sys.argv[3])
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("what", choices=("export", "load", "fsdp"))
+    p.add_argument("what", choices=("export", "load", "fsdp", "zero3"))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dir", type=Path, default=None, help="where the model files go (default: a temp dir)")
     args = p.parse_args()
@@ -185,7 +223,8 @@ def main() -> None:
         directory = args.dir or Path(tmp)
         directory.mkdir(parents=True, exist_ok=True)
         {"export": lambda: bench_export(args.rounds, directory), "load": lambda: bench_load(args.rounds, directory),
-         "fsdp": lambda: bench_fsdp(directory)}[args.what]()
+         "fsdp": lambda: bench_sharded("fsdp", ("meta", "built", "naive"), directory),
+         "zero3": lambda: bench_sharded("zero3", ("meta", "built"), directory)}[args.what]()
 
 
 if __name__ == "__main__":

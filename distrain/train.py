@@ -56,7 +56,7 @@ def run(cfg, env) -> int:
     from .data import build_datasets
     from .log import MetricsWriter, close_logging, log_file_stream, setup_logging
     from .models import build_model
-    from .models.empty import build_for_run
+    from .models.empty import build_for_run, has_meta_parameters, materialize
     from .optim import build_optimizer
     from .preempt import Preemption
     from .rundir import space_warning
@@ -78,8 +78,7 @@ def run(cfg, env) -> int:
         train_set, eval_set, meta = build_datasets(cfg.data)
         # a model a sharded load fills is built without its parameters' memory; a bad file: exit 2 here
         module, init = build_for_run(lambda empty: build_model(cfg.model, meta, cfg.train.activation_checkpointing,
-                                                               empty), cfg.model, cfg.checkpoint, checkpointer.root,
-                                     sharded=strategy_spec.init_sharded)
+                                                               empty), cfg.model, cfg.checkpoint, checkpointer.root)
 
     dist.init(env, backend, device, cfg.strategy.timeout_s, needs_group=strategy_spec.needs_group)
     comm = dist.Collectives(device if backend == "nccl" else torch.device("cpu"),
@@ -106,11 +105,14 @@ def run(cfg, env) -> int:
                               cfg.data.global_batch_size, cfg.train.precision, cfg.train.compile,
                               cfg.train.grad_clip, cfg.checkpoint.async_save)
         strategy = strategy_spec.build(ctx)
-        if init and not strategy_spec.init_sharded:
+        empty = has_meta_parameters(module)  # the strategy's setup reads only what each rank holds
+        if empty and not strategy_spec.builds_empty(cfg.strategy):  # a replicated model: allocated whole
+            materialize(module, device)
+            empty = False
+        if init and not empty:
             init.load(module)
-        strategy.setup(module, lambda params, fused=False: build_optimizer(cfg.optim, params, fused))
-        if init and strategy_spec.init_sharded:  # each rank reads only the slices it holds
-            init.load(strategy.module)
+        strategy.setup(module, lambda params, fused=False: build_optimizer(cfg.optim, params, fused),
+                       init if empty else None)
         metrics = MetricsWriter(run_dir, env.is_main, cfg.log.tensorboard)
         preemption = Preemption(cfg.checkpoint.preempt_signals, comm.stop_agreement())
         watchdog = Watchdog(cfg.log.watchdog_s, env.rank, env.world_size, dist.default_store(), log_file_stream()) \

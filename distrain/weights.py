@@ -7,7 +7,6 @@ DTensor) reads only its own slice, so no rank holds the whole model's weights tw
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -16,94 +15,9 @@ from torch import nn
 from .config import ConfigError
 from .models.empty import has_meta_parameters
 
-INIT_KEY = "model.init_from"
+from .weight_files import INIT_KEY, WeightFiles
+
 SHOWN_KEYS = 3  # how many missing / unexpected key names an error lists
-
-
-class WeightFiles:
-    """Named tensors in one or more files, read lazily: `read(name, index)` returns the whole
-    tensor or, with index (a tuple of slices), only that part of it."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.where: dict[str, object] = {}  # tensor name -> the open safetensors file, or a loaded state dict
-        self.files: list[Path] = []
-        if not self.path.exists():
-            raise ConfigError(INIT_KEY, f"no weights at {self.path}")
-        file = _weights_file(self.path) if self.path.is_dir() else self.path
-        if file.suffix == ".safetensors":
-            self._open_safetensors(file)
-        elif file.suffix == ".json":
-            self._open_index(file)
-        else:
-            self._open_torch(file)
-
-    def names(self) -> list[str]:
-        return list(self.where)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        source = self.where[name]
-        if isinstance(source, dict):
-            return tuple(source[name].shape)
-        return tuple(source.get_slice(name).get_shape())
-
-    def read(self, name: str, index: tuple | None = None) -> torch.Tensor:
-        source = self.where[name]
-        if isinstance(source, dict):
-            tensor = source[name]
-            return tensor if index is None else tensor[index]
-        if index is None or not index:
-            return source.get_tensor(name)
-        return source.get_slice(name)[index]
-
-    def _open_index(self, index: Path) -> None:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(INIT_KEY, f"{index} is not a safetensors index (no readable weight_map: {e})")
-        for shard in sorted(set(weight_map.values())):
-            if not (index.parent / shard).is_file():
-                raise ConfigError(INIT_KEY, f"{index} lists {shard}, which is not in {index.parent}")
-            self._open_safetensors(index.parent / shard)
-
-    def _open_safetensors(self, file: Path) -> None:
-        from safetensors import safe_open
-
-        try:
-            handle = _open_for_reads(safe_open, file)
-            names = list(handle.keys())
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad header
-            raise ConfigError(INIT_KEY, f"{file} is not a readable safetensors file: {str(e).splitlines()[0]}")
-        self.where.update(dict.fromkeys(names, handle))
-        self.files.append(file)
-
-    def _open_torch(self, file: Path) -> None:
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input at fault
-            raise ConfigError(INIT_KEY, f"{file} is not a readable state_dict: {str(e).splitlines()[0]}")
-        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-            raise ConfigError(INIT_KEY, f"{file} does not hold a state_dict (a mapping of names to tensors)")
-        self.where.update(dict.fromkeys(state, state))
-        self.files.append(file)
-
-
-def _open_for_reads(safe_open, file: Path):
-    """Reads with pread(2) where safetensors offers it: the bytes go straight into the tensor read,
-    and the file's pages do not count in the process's memory as mapped pages do (each rank's
-    peak then rises by the slice it reads, not also by the file pages it touched)."""
-    try:
-        return safe_open(str(file), framework="pt", device="cpu", backend="pread")
-    except TypeError:  # safetensors before 0.8: memory-mapped only
-        return safe_open(str(file), framework="pt", device="cpu")
-
-
-def _weights_file(directory: Path) -> Path:
-    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
-        if (directory / name).is_file():
-            return directory / name
-    raise ConfigError(INIT_KEY, f"{directory} holds no model.safetensors, model.safetensors.index.json "
-                                "or pytorch_model.bin")
 
 
 def fresh_start(checkpoint_section, checkpoints_root: Path) -> bool:
@@ -151,6 +65,11 @@ class InitWeights:
 
     def load(self, module: nn.Module) -> None:
         load_planned(module, self.files, self.plan)
+
+    def sources(self, module: nn.Module) -> dict[int, str]:
+        """id of each planned tensor of `module` -> the name it is read by (files.read)."""
+        targets = module.state_dict(keep_vars=True)
+        return {id(targets[name]): file_name for file_name, name in self.plan.items()}
 
     def fills(self, module: nn.Module) -> bool:
         """Whether every parameter on the meta device gets its values from the files."""
@@ -263,9 +182,9 @@ def load_planned(module: nn.Module, files: WeightFiles, plan: dict[str, str]) ->
             if hasattr(target, "device_mesh"):
                 local = target.to_local()
                 if local.numel():
-                    local.copy_(files.read(file_name, local_index(target)))
+                    files.read_into(local, file_name, local_index(target))
             else:
-                target.copy_(files.read(file_name))
+                files.read_into(target, file_name)
 
 
 def local_index(dtensor) -> tuple[slice, ...]:

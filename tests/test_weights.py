@@ -68,6 +68,25 @@ def test_slices_read_only_the_asked_part(saved_llama):
     assert torch.equal(files.read(name, (slice(5, 9), slice(None))), source.get_parameter(name)[5:9].detach())
 
 
+def test_reads_go_straight_into_a_tensor_where_the_file_holds_its_bytes(saved_llama):
+    source, path = saved_llama
+    files, name = WeightFiles(path), "model.embed_tokens.weight"
+    full = source.get_parameter(name).detach()
+    rows, cols = (slice(5, 9), slice(0, full.shape[1])), (slice(0, full.shape[0]), slice(2, 6))
+    cases = [(None, full.shape, torch.float32, True), (rows, (4, full.shape[1]), torch.float32, True),
+             (cols, (full.shape[0], 4), torch.float32, False), (None, full.shape, torch.bfloat16, False),
+             (rows, (3, full.shape[1]), torch.float32, False)]  # a shape that does not match: copy_ raises
+    for index, shape, dtype, straight in cases:
+        out = torch.empty(shape, dtype=dtype)
+        assert (files._span(out, name, index) is not None) == straight, (index, dtype)
+        if shape[0] == 3:
+            with pytest.raises(RuntimeError):
+                files.read_into(out, name, index)
+            continue
+        files.read_into(out, name, index)
+        assert torch.equal(out, (full if index is None else full[index]).to(dtype))
+
+
 def test_weights_are_cast_to_the_models_dtype(saved_llama):
     source, path = saved_llama
     target = load(tiny(LLAMA, seed=2).to(torch.bfloat16), path)

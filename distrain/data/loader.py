@@ -31,10 +31,12 @@ class StepLoader:
             tensors = self.dataset.tensors
             if tensors[0].device == self.device:
                 if self.device.type != "cpu":  # a blocking copy of the indices would wait for the GPU each step
-                    return step, [tuple(t[i.to(self.device, non_blocking=True)] for t in tensors)
+                    return step, [tuple(t.index_select(0, i.to(self.device, non_blocking=True)) for t in tensors)
                                   for i in step.micro_batches]
-                return step, [tuple(t[i] for t in tensors) for i in step.micro_batches]
-            return step, [tuple(t[i].to(self.device, non_blocking=True) for t in tensors) for i in step.micro_batches]
+                # index_select: the same gather as t[i] at half its dispatch cost on a small batch
+                return step, [tuple(t.index_select(0, i) for t in tensors) for i in step.micro_batches]
+            return step, [tuple(t.index_select(0, i).to(self.device, non_blocking=True) for t in tensors)
+                          for i in step.micro_batches]
         if self._iter is None:
             self._iter = self._worker_stream()
         return next(self._iter)

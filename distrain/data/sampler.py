@@ -61,12 +61,13 @@ class ResumableSampler:
         if self._perm is None or self._perm_epoch != self.epoch:
             self._perm, self._perm_epoch = epoch_permutation(self.n, self.seed, self.epoch), self.epoch
         size = min(self.global_batch, self.n - self.position)
-        batch = self._perm[self.position : self.position + size]
+        start = self.position
         self.position += size
         if size == self.global_batch and self.global_batch == self.micro_batch * self.world_size:
-            # the common case, kept cheap: one full micro-batch per rank
-            mine = batch[self.rank * self.micro_batch : (self.rank + 1) * self.micro_batch]
-            return StepBatch([mine], [self.micro_batch], size)
+            # the common case, kept cheap (one slice): one full micro-batch per rank
+            lo = start + self.rank * self.micro_batch
+            return StepBatch([self._perm[lo : lo + self.micro_batch]], [self.micro_batch], size)
+        batch = self._perm[start : start + size]
         lo, hi = even_slice(size, self.world_size, self.rank)
         mine = batch[lo:hi]
         largest_share = even_slice(size, self.world_size, 0)[1]

@@ -39,7 +39,7 @@ def parameters_on_meta():
 
 def building_on_meta() -> bool:
     """Whether a builder runs inside parameters_on_meta (model.name=hf then builds from the
-    config and leaves the weights to the sharded load)."""
+    config and leaves the weights to the load that follows)."""
     return getattr(_building, "active", False)
 
 
@@ -61,17 +61,18 @@ def materialize(module: nn.Module, device: torch.device) -> None:
                 t.copy_(real[name])
 
 
-def build_for_run(build, model_section, checkpoint_section, checkpoints_root, sharded: bool):
+def build_for_run(build, model_section, checkpoint_section, checkpoints_root, empty: bool = True):
     """The model (`build(empty)` builds it) and its planned initial weights (None: nothing to load).
-    Under a sharded load (sharded=True) a model whose every parameter a file fills is built with
-    its parameters on the meta device, so no rank holds it whole; it is built for real (from the
+    A model whose every parameter a file fills is built with its parameters on the meta device
+    (empty=True): a sharding strategy then allocates each rank's part only, and nobody pays for a
+    random initialisation the file overwrites. It is built for real (from the
     same random state) when something is left unfilled: a resume that takes the checkpoint's
     weights, init_strict off with keys the file lacks, parameters a user's builder made itself
     (adapters), or a model.name=hf directory whose names differ from the model's (from_pretrained
     then maps them)."""
     from .. import weights
 
-    if sharded and weights.init_source(model_section, sharded) is not None:
+    if empty and weights.init_source(model_section, empty) is not None:
         rng = torch.random.get_rng_state()
         module = build(True)
         init = _plan_quietly(model_section, checkpoint_section, checkpoints_root, module)

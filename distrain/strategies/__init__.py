@@ -41,7 +41,8 @@ class Strategy(Protocol):
     module: nn.Module  # the bare user model
     optimizer: torch.optim.Optimizer
 
-    def setup(self, module: nn.Module, make_optimizer: Callable) -> None: ...
+    # init: the planned weights of a model built on the meta device (Spec.builds_empty), read by each rank
+    def setup(self, module: nn.Module, make_optimizer: Callable, init=None) -> None: ...
     # one micro-batch's forward and backward: gradient sync on the step's last one only, autocast
     def micro_step(self, sync: bool) -> ContextManager: ...
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -66,11 +67,18 @@ class Spec:
     fp16: bool = True
     offload: bool = False
     shards_blocks: bool = False  # shards strategy.fsdp_blocks one by one
-    init_sharded: bool = False  # model.init_from goes into the sharded parameters after setup, slice by slice
+    # a model that model.init_from fills is built on the meta device and setup reads what each rank
+    # holds: FSDP2 its slices, ZeRO-3 (init_partitioned) each parameter whole as it partitions it
+    init_sharded: bool = False
+    init_partitioned: bool = False
 
     def build(self, ctx: StrategyContext) -> Strategy:
         module, _, name = self.factory.partition(":")
         return getattr(importlib.import_module(f"{__name__}.{module}"), name)(ctx)
+
+    def builds_empty(self, section) -> bool:
+        """Whether a model the init files fill is built without its parameters' memory."""
+        return self.init_sharded or (self.init_partitioned and section.zero_stage == 3)
 
     def check(self, cfg: Config, world_size: int | None = None) -> None:
         """The strategy's own refusals, as config errors (world_size None: before launch facts are known)."""
@@ -98,7 +106,8 @@ STRATEGIES = {
     "ddp": Spec("ddp", "replicated:ddp", "full", needs_group=True),
     "fsdp": Spec("fsdp", "fsdp:Fsdp", "dcp", needs_group=True, async_save=True, fp16=False,
                  shards_blocks=True, init_sharded=True),
-    "deepspeed": Spec("deepspeed", "deepspeed:DeepSpeed", "deepspeed", needs_group=True, offload=True),
+    "deepspeed": Spec("deepspeed", "deepspeed:DeepSpeed", "deepspeed", needs_group=True, offload=True,
+                      init_partitioned=True),
 }
 
 

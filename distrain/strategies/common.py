@@ -43,8 +43,16 @@ def optimizer_step(optimizer, params: list, grad_clip: float | None, scaler=None
         scaler.update()
     elif math.isfinite(norm.item()):  # torch.isfinite of one number is four kernels (~15 us on a CPU)
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    clear_grads(optimizer)
     return norm.detach()
+
+
+def clear_grads(optimizer) -> None:
+    """zero_grad(set_to_none=True) without its profiler range, which costs more than the loop
+    itself on a small model's CPU step (~40 us of ~1.5 ms)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
 
 
 def all_finite(tensors: list) -> bool:

@@ -3,6 +3,7 @@ and only when this strategy is chosen."""
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
@@ -57,7 +58,7 @@ class DeepSpeed:
     def __init__(self, ctx):
         self.ctx = ctx
 
-    def setup(self, module, make_optimizer) -> None:
+    def setup(self, module, make_optimizer, init=None) -> None:
         import deepspeed
 
         from ..cluster import export_for_libraries
@@ -69,10 +70,14 @@ class DeepSpeed:
             # the shared-memory comm op JIT-compiles C++ for ~30 s on first use; gloo does the job
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=self.ctx.backend, verbose=False)
-        module.to(self.ctx.device)
+        config = deepspeed_config(self.ctx)
+        if init is not None:  # ZeRO-3, built on the meta device
+            partition_from_files(module, init, config, self.ctx.device, common.AMP_DTYPES.get(self.ctx.precision))
+        else:
+            module.to(self.ctx.device)
         self.optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad])
         self.engine, *_ = deepspeed.initialize(
-            model=module, optimizer=self.optimizer, config=deepspeed_config(self.ctx), dist_init_required=False)
+            model=module, optimizer=self.optimizer, config=config, dist_init_required=False)
         self.module = self.engine.module
         self.bare = self.engine.optimizer is self.optimizer  # ZeRO-0 in fp32: the weights are their own master
         model = self.engine
@@ -151,6 +156,38 @@ class DeepSpeed:
                                         load_module_strict=not common.frozen_names(self.module))
         else:  # as bitwise on the same world size: the fp32 masters and the optimizer state, exactly
             deepspeed_state.scatter(self, universal)
+
+
+def partition_from_files(module, init, config: dict, device, dtype) -> None:
+    """ZeRO-3 parameters made from the init files without the whole model on any rank: one module's
+    parameters at a time are read whole into one reused buffer and handed to zero.Init, which copies
+    out this rank's partition (as if the model had been built under zero.Init). One buffer, not an
+    allocation per tensor: freed large blocks would stay in the allocator's heap, fragmented, and
+    the peak would grow with the model. Children come before their parents, so a module converts
+    only its own parameters; a tied one, once."""
+    import deepspeed
+
+    sources, owners = init.sources(module), {}
+    for sub in module.modules():
+        for name, p in sub.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((sub, name))
+    size = lambda p: -(-p.numel() * (dtype or p.dtype).itemsize // 64) * 64  # noqa: E731 - 64-byte aligned
+    scratch = torch.empty(max((sum(size(p) for p in sub.parameters(recurse=False) if p.is_meta)
+                               for sub in module.modules()), default=0), dtype=torch.uint8, device=device)
+    for sub in reversed(list(module.modules())):
+        own, offset = [p for p in sub.parameters(recurse=False) if p.is_meta], 0
+        if not own:
+            continue
+        with torch.no_grad():
+            for p in own:
+                view = scratch[offset : offset + p.numel() * (dtype or p.dtype).itemsize]
+                real = torch.nn.Parameter(view.view(dtype or p.dtype).view(p.shape), requires_grad=p.requires_grad)
+                init.files.read_into(real, sources[id(p)])
+                offset += size(p)
+                for owner, name in owners[id(p)]:
+                    setattr(owner, name, real)
+        deepspeed.zero.Init(module=sub, config_dict_or_path=config, mem_efficient_linear=False)
+    logging.getLogger("distrain").info("model built on the meta device: each rank keeps its ZeRO-3 partitions only")
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ class Fsdp:
     def __init__(self, ctx):
         self.ctx = ctx
 
-    def setup(self, module, make_optimizer) -> None:
+    def setup(self, module, make_optimizer, init=None) -> None:
         empty = has_meta_parameters(module)  # built for a file to fill: sharded first, then allocated
         if not empty:
             module.to(self.ctx.device)
@@ -47,8 +47,9 @@ class Fsdp:
         for unit in shard_units(module, self.ctx.section.fsdp_blocks):
             fully_shard(unit, mp_policy=mp)
         fully_shard(module, mp_policy=mp)
-        if empty:  # each rank allocates its shards only; the caller's init.load fills them
+        if empty:  # each rank allocates its shards only and reads their slices
             materialize(module, self.ctx.device)
+            init.load(module)
             logging.getLogger("distrain").info("model built on the meta device: each rank allocated its shards only")
         self.module = module
         self.model = common.maybe_compile(module, self.ctx.compile)

@@ -51,19 +51,22 @@ class Replicated:
         self.ctx, self.wrap = ctx, wrap
         self.scaler = common.grad_scaler(ctx.device, ctx.precision)
 
-    def setup(self, module, make_optimizer) -> None:
+    def setup(self, module, make_optimizer, init=None) -> None:
         self.module = module.to(self.ctx.device)
         self.wrapped, self.average = self.wrap(self.module)
         self.model = common.maybe_compile(self.wrapped, self.ctx.compile)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, fused=self.ctx.device.type == "cuda")
 
-    @contextlib.contextmanager
     def micro_step(self, sync: bool):
         # DDP: accumulation micro-steps keep gradients local; only the last one all-reduces
-        no_sync = not sync and isinstance(self.wrapped, DistributedDataParallel)
-        with (self.wrapped.no_sync() if no_sync else contextlib.nullcontext()), \
-                common.autocast(self.ctx.device, self.ctx.precision):
+        if sync or not isinstance(self.wrapped, DistributedDataParallel):
+            return common.autocast(self.ctx.device, self.ctx.precision)  # no generator frame per step
+        return self._local_micro_step()
+
+    @contextlib.contextmanager
+    def _local_micro_step(self):
+        with self.wrapped.no_sync(), common.autocast(self.ctx.device, self.ctx.precision):
             yield
 
     def backward(self, loss) -> None:
