@@ -24,12 +24,14 @@ class StepLoader:
         self.dataset, self.sampler, self.device = dataset, sampler, device
         self.num_workers, self.seed, self.rank, self.collate = num_workers, seed, rank, collate
         self._iter = None
+        self.direct = num_workers == 0 and isinstance(dataset, TensorDataset)  # tensor indexing, no DataLoader
+        self.on_device = self.direct and dataset.tensors[0].device == device
 
     def next_step(self) -> tuple[StepBatch, list[tuple]]:
-        if self.num_workers == 0 and isinstance(self.dataset, TensorDataset):
+        if self.direct:
             step = self.sampler.next_step()
             tensors = self.dataset.tensors
-            if tensors[0].device == self.device:
+            if self.on_device:
                 if self.device.type != "cpu":  # a blocking copy of the indices would wait for the GPU each step
                     return step, [tuple(t.index_select(0, i.to(self.device, non_blocking=True)) for t in tensors)
                                   for i in step.micro_batches]
