@@ -106,9 +106,10 @@ def test_init_from_a_sharded_hf_dir_then_final_formats_round_trip(strategy, pret
             assert all(torch.equal(v, final[k]) for k, v in safetensors_state(tmp_path / "w.safetensors").items())
 
 
-def test_fsdp_reads_an_hf_directorys_tied_weights_into_a_model_built_on_meta(tmp_path):
-    """model.name=hf with weights in model.path, no init_from: under fsdp the same sharded read as
-    init_from, a tied weight (GPT-2's embedding and head) read once and still tied."""
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_an_hf_directorys_tied_weights_are_read_into_a_model_built_on_meta(strategy, tmp_path):
+    """model.name=hf with weights in model.path, no init_from: under fsdp and ZeRO-3 the same read
+    as init_from, a tied weight (GPT-2's embedding and head) read once and still tied."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tests.hf_tiny import GPT2
@@ -120,7 +121,7 @@ def test_fsdp_reads_an_hf_directorys_tied_weights_into_a_model_built_on_meta(tmp
     cfg["model"] = {"name": "hf", "path": str(tmp_path / "gpt2")}
     (tmp_path / "gpt2.yaml").write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
-    run_train(["--config", tmp_path / "gpt2.yaml", f"run.dir={run}", "strategy.name=fsdp"], nproc=2)
+    run_train(["--config", tmp_path / "gpt2.yaml", f"run.dir={run}", *STRATEGIES[strategy][0]], nproc=2)
     assert META_LINE in (run / "logs" / "rank0.log").read_text()
     with torch.no_grad():
         expected = reference(**first_batch()).loss.item()

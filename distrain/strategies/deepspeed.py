@@ -171,19 +171,22 @@ def partition_from_files(module, init, config: dict, device, dtype) -> None:
     for sub in module.modules():
         for name, p in sub.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append((sub, name))
-    size = lambda p: -(-p.numel() * (dtype or p.dtype).itemsize // 64) * 64  # noqa: E731 - 64-byte aligned
-    scratch = torch.empty(max((sum(size(p) for p in sub.parameters(recurse=False) if p.is_meta)
-                               for sub in module.modules()), default=0), dtype=torch.uint8, device=device)
-    for sub in reversed(list(module.modules())):
-        own, offset = [p for p in sub.parameters(recurse=False) if p.is_meta], 0
+    empty = {sub: [p for p in sub.parameters(recurse=False) if p.is_meta] for sub in module.modules()}
+    nbytes = lambda p: p.numel() * (dtype or p.dtype).itemsize  # noqa: E731
+    aligned = lambda n: -(-n // 64) * 64  # noqa: E731 - each view starts 64-byte aligned
+    scratch = torch.empty(max((sum(aligned(nbytes(p)) for p in own) for own in empty.values()), default=0),
+                          dtype=torch.uint8, device=device)
+    for sub in reversed(list(empty)):
+        own = [p for p in sub.parameters(recurse=False) if p.is_meta]  # now: a tied one may be done
         if not own:
             continue
+        offset = 0
         with torch.no_grad():
             for p in own:
-                view = scratch[offset : offset + p.numel() * (dtype or p.dtype).itemsize]
-                real = torch.nn.Parameter(view.view(dtype or p.dtype).view(p.shape), requires_grad=p.requires_grad)
+                view = scratch[offset : offset + nbytes(p)].view(dtype or p.dtype).view(p.shape)
+                real = torch.nn.Parameter(view, requires_grad=p.requires_grad)
                 init.files.read_into(real, sources[id(p)])
-                offset += size(p)
+                offset += aligned(nbytes(p))
                 for owner, name in owners[id(p)]:
                     setattr(owner, name, real)
         deepspeed.zero.Init(module=sub, config_dict_or_path=config, mem_efficient_linear=False)
