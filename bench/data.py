@@ -68,21 +68,21 @@ def synthetic_corpus(out: Path, n_tokens: int, vocab: int = 4000) -> Path:
 
 
 LOADER = """
-import time, torch
-torch.set_num_threads(1)
 from distrain.data.tokens import prepared_corpus
 from distrain.data.sampler import ResumableSampler
 from distrain.data.loader import StepLoader
 train = prepared_corpus({path!r}, seq_len={seq})[0]
 loader = StepLoader(train, ResumableSampler(len(train), {batch}, {batch}, 1, 0, 0), torch.device("cpu"), 0, 0, 0)
-for _ in range(20):
-    loader.next_step()
-t0 = time.perf_counter()
-for _ in range({steps}):
-    loader.next_step()
-print(({steps} * {batch} * {seq}) / (time.perf_counter() - t0))
-loader.close()
 """
+
+
+def timed_loader(setup: str, warmup: int, steps: int, batch: int, seq: int) -> str:
+    """A child process's script: `setup` makes `loader`; after `warmup` steps, the tokens per
+    second of `steps` more, printed. One thread, as a training rank has."""
+    return (f"import time, torch\ntorch.set_num_threads(1)\n{setup}\n"
+            f"for _ in range({warmup}):\n    loader.next_step()\n"
+            f"t0 = time.perf_counter()\nfor _ in range({steps}):\n    loader.next_step()\n"
+            f"print(({steps} * {batch} * {seq}) / (time.perf_counter() - t0))\n")
 
 
 def train_command(path: Path, run: Path, steps: int, seq: int = SEQ) -> list[str]:
@@ -96,7 +96,8 @@ def bench_loader(work: Path, rounds: int) -> dict:
     corpus = synthetic_corpus(work / "loader-corpus", 50_000_000)
     loader, training = [], []
     for r in range(rounds):
-        loader.append(float(python(LOADER.format(path=str(corpus), seq=SEQ, batch=BATCH, steps=300))))
+        setup = LOADER.format(path=str(corpus), seq=SEQ, batch=BATCH)
+        loader.append(float(python(timed_loader(setup, 20, 300, BATCH, SEQ))))
         run = work / f"train-{r}"
         subprocess.run([sys.executable, "-m", "distrain.train", *train_command(corpus, run, 40)], check=True,
                        capture_output=True, env=ENV, cwd=ROOT)

@@ -18,24 +18,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from data import ENV, ROOT, python, spread
+from data import ENV, ROOT, python, spread, timed_loader
 
 SEQ, BATCH = 256, 32
 
 LOADER = """
-import time, torch
-torch.set_num_threads(1)
 from distrain.data.hf_datasets import hf_dataset
 from distrain.data.streams import StreamLoader
 from distrain.dist import Collectives
 train = hf_dataset({path!r}, {tokenizer!r}, seq_len={seq}, eos="<|endoftext|>", streaming=True)[0]
 loader = StreamLoader(train, {batch}, 1, 1, 0, 0, 0, torch.device("cpu"), Collectives(torch.device("cpu")))
-for _ in range(5):
-    loader.next_step()
-t0 = time.perf_counter()
-for _ in range({steps}):
-    loader.next_step()
-print(({steps} * {batch} * {seq}) / (time.perf_counter() - t0))
 """
 
 
@@ -75,8 +67,8 @@ def main() -> None:
         files, tokenizer = make_files(work, args.docs)
         loader, training, waits = [], [], {0: [], 2: []}
         for r in range(args.rounds):
-            loader.append(float(python(LOADER.format(path=str(files), tokenizer=str(tokenizer), seq=SEQ, batch=BATCH,
-                                                     steps=100))))
+            setup = LOADER.format(path=str(files), tokenizer=str(tokenizer), seq=SEQ, batch=BATCH)
+            loader.append(float(python(timed_loader(setup, 5, 100, BATCH, SEQ))))
             for workers in waits:
                 result = train(files, tokenizer, work / f"train-{r}-{workers}", workers, 40)
                 waits[workers].append(100 * result["wait_share"])
