@@ -76,7 +76,7 @@ def run(cfg, env) -> int:
     with warnings.catch_warnings(record=True) as early_warnings:  # shown once logging knows the rank
         warnings.simplefilter("default")
         train_set, eval_set, meta = build_datasets(cfg.data)
-        # a model a sharded load fills is built without its parameters' memory; a bad file: exit 2 here
+        # a model the init files fill is built without its parameters' memory; a bad file: exit 2 here
         module, init = build_for_run(lambda empty: build_model(cfg.model, meta, cfg.train.activation_checkpointing,
                                                                empty), cfg.model, cfg.checkpoint, checkpointer.root)
 
@@ -106,7 +106,7 @@ def run(cfg, env) -> int:
                               cfg.train.grad_clip, cfg.checkpoint.async_save)
         strategy = strategy_spec.build(ctx)
         empty = has_meta_parameters(module)  # the strategy's setup reads only what each rank holds
-        if empty and not strategy_spec.builds_empty(cfg.strategy):  # a replicated model: allocated whole
+        if empty and not strategy_spec.builds_empty(cfg.strategy):  # the strategy takes it whole: allocated here
             materialize(module, device)
             empty = False
         if init and not empty:
