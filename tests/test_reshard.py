@@ -40,7 +40,7 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name, new_world", extended(CASES, {("ddp", 4), ("zero0", 1), ("zero1", 4), ("zero2", 1), ("zero3", 4)}),
+@pytest.mark.parametrize("name, new_world", extended(CASES, {("ddp", 4), ("fsdp", 4), ("zero0", 1), ("zero1", 4), ("zero2", 1), ("zero3", 4)}),
                          ids=[f"{n}-2to{w}" for n, w in CASES])
 def test_resume_on_another_world_size(name, new_world, uninterrupted, tmp_path):
     run, record = tmp_path / "run", tmp_path / "ids"
