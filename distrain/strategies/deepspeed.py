@@ -171,12 +171,12 @@ def partition_from_files(module, init, config: dict, device, dtype) -> None:
     for sub in module.modules():
         for name, p in sub.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append((sub, name))
-    empty = {sub: [p for p in sub.parameters(recurse=False) if p.is_meta] for sub in module.modules()}
     nbytes = lambda p: p.numel() * (dtype or p.dtype).itemsize  # noqa: E731
     aligned = lambda n: -(-n // 64) * 64  # noqa: E731 - each view starts 64-byte aligned
-    scratch = torch.empty(max((sum(aligned(nbytes(p)) for p in own) for own in empty.values()), default=0),
-                          dtype=torch.uint8, device=device)
-    for sub in reversed(list(empty)):
+    largest = max((sum(aligned(nbytes(p)) for p in sub.parameters(recurse=False) if p.is_meta)
+                   for sub in module.modules()), default=0)
+    scratch = torch.empty(largest, dtype=torch.uint8, device=device)
+    for sub in reversed(list(module.modules())):
         own = [p for p in sub.parameters(recurse=False) if p.is_meta]  # now: a tied one may be done
         if not own:
             continue
