@@ -10,12 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import forked_ranks
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 CLUSTER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
                 "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_STEP_ID", "SLURM_JOB_ID", "SLURM_NTASKS")
 
 torch.set_num_threads(1)
+# what every launched process runs with, set before the process that forks them starts
+os.environ.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
 # The rest of a test matrix whose default cases already cover every strategy and code path
 # (another kill point, another loss source on a strategy checked with one): `pytest --extended`.
@@ -51,12 +55,21 @@ def clean_env(**extra) -> dict:
     return env
 
 
-def run_train(args: list[str], nproc: int = 0, timeout: int = 120, check: bool = True, **popen) -> subprocess.CompletedProcess:
-    """nproc=0: `python -m distrain.train`; otherwise `torchrun --standalone --nproc_per_node=nproc`."""
-    launcher = [sys.executable, "-m", "distrain.train"] if nproc == 0 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "distrain.train"]
-    proc = subprocess.run(launcher + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                          env=clean_env(), cwd=ROOT, **popen)
+def run_train(args: list[str], nproc: int = 0, timeout: int = 120, check: bool = True, torchrun: bool = False,
+              **popen) -> subprocess.CompletedProcess:
+    """nproc=0: `python -m distrain.train`; otherwise `torchrun --standalone --nproc_per_node=nproc`.
+
+    Forked from one warm process (tests/forked_ranks.py), unless `torchrun` (or popen arguments)
+    asks for the real launchers, as DISTRAIN_TESTS_TORCHRUN=1 does for every run."""
+    args = [str(a) for a in args]
+    if torchrun or popen or os.environ.get("DISTRAIN_TESTS_TORCHRUN"):
+        launcher = [sys.executable, "-m", "distrain.train"] if nproc == 0 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+            "distrain.train"]
+        proc = subprocess.run(launcher + args, capture_output=True, text=True, timeout=timeout, env=clean_env(),
+                              cwd=ROOT, **popen)
+    else:
+        proc = forked_ranks.run(args, nproc, clean_env(), timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}")
     return proc

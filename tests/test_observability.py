@@ -50,7 +50,7 @@ def test_two_rank_console_logs_metrics_and_tensorboard(tmp_path):
 def test_library_warnings_reach_the_console_once(tmp_path):
     run = tmp_path / "run"
     proc = run_train([*DIGITS, f"run.dir={run}", "train.max_steps=4", "strategy.name=ddp",
-                      "model.name=tests.faults:warning_mlp"], nproc=2)
+                      "model.name=tests.faults:warning_mlp"], nproc=2, torchrun=True)
     console = proc.stdout + proc.stderr
     assert console.count("UserWarning: a library warning") == 1
     for rank in (0, 1):

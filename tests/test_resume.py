@@ -77,10 +77,11 @@ def test_sigkill_then_same_command_is_bitwise_exact(name, where, kill, reference
     nproc, strategy = STRATEGIES[name]
     run = tmp_path / "run"
     args = args_for(run, strategy, marker=tmp_path / "killed", **kill(accumulation(name)))
-    first = run_train(args, nproc=nproc, check=False)
+    real = name == "ddp"  # torchrun's own teardown of the survivor
+    first = run_train(args, nproc=nproc, check=False, torchrun=real)
     assert first.returncode != 0, "the kill did not happen"
     assert list(tmp_path.glob("killed.rank*")), "no rank reached the kill point"
-    second = run_train(args, nproc=nproc)
+    second = run_train(args, nproc=nproc, torchrun=real)
     assert "resumed from" in second.stdout + second.stderr
     ours, ref = final_weights(run), references(name)
     assert all(ours[k].equal(ref[k]) for k in ref), f"{name}/{where}: weights differ from the uninterrupted run"
@@ -93,7 +94,7 @@ def test_a_preemption_signal_checkpoints_exits_3_and_resumes_exactly(name, signa
     # mid-accumulation in step 14; under ddp only rank 1 is signalled and both must stop at the same step
     args = args_for(run, strategy, marker=tmp_path / "signalled", kill_at=13 * accumulation(name) + 1,
                     kill_signal=signal_name, kill_rank=rank)
-    first = run_train(args, nproc=nproc, check=False)
+    first = run_train(args, nproc=nproc, check=False, torchrun=True)
     if nproc == 0:
         assert first.returncode == 3, first.stderr[-2000:]
     else:  # torchrun reports its workers' non-zero exit as its own failure
