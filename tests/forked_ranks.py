@@ -22,14 +22,11 @@ import uuid
 from pathlib import Path
 
 import torch.multiprocessing as mp
+from multiprocessing import forkserver
 from multiprocessing.connection import wait
 
-ROOT = Path(__file__).resolve().parents[1]
-# What a worker imports anyway, once here; a module that is not installed is skipped
-PRELOAD = ["torch", "torch.distributed", "distrain.train", "distrain.trainer", "distrain.checkpoint", "distrain.export",
-           "distrain.strategies.replicated", "distrain.strategies.fsdp", "distrain.data", "distrain.models",
-           "distrain.weights", "deepspeed", "transformers", "transformers.models.auto.modeling_auto", "peft",
-           "safetensors.torch", "numpy"]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 GRACE_S = 30  # torchrun's own wait between SIGTERM and SIGKILL
 
 _context = None
@@ -39,7 +36,15 @@ def _ctx():
     global _context
     if _context is None:
         _context = mp.get_context("forkserver")
-        _context.set_forkserver_preload([__name__.split(".")[-1], *PRELOAD])
+        _context.set_forkserver_preload([__name__.split(".")[-1], "warm_imports"])
+        # the server takes its module path from the environment only (not this process's sys.path)
+        saved = dict(os.environ)
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")])
+        try:
+            forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
     return _context
 
 

@@ -98,7 +98,7 @@ def committed(checkpoints: Path) -> dict:
             for p in files if not p.relative_to(checkpoints).parts[0].startswith(".")}
 
 
-@pytest.mark.parametrize("name, where", extended(CASES, {("fsdp", "writing"), ("ddp", "writing"), ("fsdp", "before"), ("single", "before"),
+@pytest.mark.parametrize("name, where", extended(CASES, {("fsdp", "writing"), ("ddp", "writing"), ("fsdp", "before"),
                                                   ("fsdp_async", "writing")}),
                          ids=[f"{n}-{w}" for n, w in CASES])
 def test_disk_full_during_a_checkpoint_stops_cleanly_and_resumes_exactly(name, where, small_fs, references, tmp_path):

@@ -49,7 +49,7 @@ CASES = [(w, s) for w in ("gpt2", "bert", "torchvision") for s in ("ddp", "fsdp"
 
 
 @pytest.mark.parametrize("workload, strategy", extended(CASES, {
-    ("gpt2", "ddp"), ("gpt2", "fsdp"), ("gpt2", "zero3"), ("bert", "ddp"), ("bert", "zero3"), ("torchvision", "fsdp"), ("torchvision", "zero3")}),
+    ("bert", "zero3"), ("torchvision", "fsdp"), ("torchvision", "zero3")}),
                          ids=[f"{w}-{s}" for w, s in CASES])
 def test_trains_under_the_strategy_like_one_process(workload, strategy, single_runs, tmp_path):
     reference = single_runs(workload)

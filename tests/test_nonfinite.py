@@ -3,7 +3,7 @@ strategy and on the device path, and no checkpoint with non-finite weights is ev
 import pytest
 import torch
 
-from conftest import CONFIGS, extended, metrics, run_train
+from conftest import CONFIGS, metrics, run_train
 
 DIGITS = ["--config", CONFIGS / "digits_mlp.yaml", "train.epochs=null", "checkpoint.every_steps=0",
           "model.hidden=[32,32]"]
@@ -17,7 +17,7 @@ def test_exploding_lr_skip_mode_finishes_without_nan_checkpoints(strategy, nproc
     assert_no_nan_checkpoint(run)
 
 
-@pytest.mark.parametrize("strategy, nproc", extended([("single", 0), ("deepspeed", 2)], {("deepspeed", 2)}))
+@pytest.mark.parametrize("strategy, nproc", [("single", 0), ("deepspeed", 2)])
 def test_exploding_lr_stop_mode_fails_without_nan_checkpoints(strategy, nproc, tmp_path):
     run = tmp_path / "run"
     proc = run_train([*explode(run, strategy), "train.on_nonfinite=stop"], nproc=nproc, check=False)

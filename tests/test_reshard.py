@@ -40,7 +40,7 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name, new_world", extended(CASES, {("ddp", 4), ("fsdp", 4), ("zero0", 1), ("zero1", 4), ("zero2", 1), ("zero3", 4)}),
+@pytest.mark.parametrize("name, new_world", extended(CASES, {("ddp", 4), ("zero1", 4), ("zero2", 1), ("zero3", 4)}),
                          ids=[f"{n}-2to{w}" for n, w in CASES])
 def test_resume_on_another_world_size(name, new_world, uninterrupted, tmp_path):
     run, record = tmp_path / "run", tmp_path / "ids"
@@ -66,7 +66,7 @@ def test_torch_dcp_reader_reads_our_sharded_checkpoint(tmp_path):
     assert_export_matches(run, final, tmp_path)
 
 
-@pytest.mark.parametrize("stage", extended([2, 3], {2}))
+@pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_to_fp32_reads_our_zero_checkpoint(stage, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -64,11 +64,8 @@ CASES = [
 ]
 
 
-EXTENDED_KILLS = {("ddp", "accumulation-boundary"), ("fsdp", "accumulation-boundary"),
-                  ("zero2", "accumulation-boundary"), ("zero2", "during-eval"), ("fsdp", "during-eval"),
-                  ("ddp", "right-after-checkpoint"), ("fsdp", "right-after-checkpoint"),
-                  ("zero2", "right-after-checkpoint"), ("single", "accumulation-boundary"),
-                  ("single", "during-eval"), ("fsdp", "mid-accumulation")}
+EXTENDED_KILLS = {("ddp", "accumulation-boundary"), ("zero2", "accumulation-boundary"), ("zero2", "during-eval"),
+                  ("ddp", "right-after-checkpoint"), ("zero2", "right-after-checkpoint")}
 
 
 @pytest.mark.parametrize("name, where, kill", [pytest.param(*c, marks=[EXTENDED] if c[:2] in EXTENDED_KILLS else [])
