@@ -77,6 +77,12 @@ class WeightFiles:
             self.fds[file] = os.open(file, os.O_RDONLY)
         return self.fds[file], start + rows.start * row_bytes
 
+    def close(self) -> None:
+        """Close the descriptors read_into opened (a later read_into opens them again)."""
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
     def read(self, name: str, index: tuple | None = None) -> torch.Tensor:
         source = self.where[name]
         if isinstance(source, dict):

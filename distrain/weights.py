@@ -176,15 +176,18 @@ def load_planned(module: nn.Module, files: WeightFiles, plan: dict[str, str]) ->
     """Copy the planned tensors into the module in place, cast to each parameter's dtype. A
     DTensor (FSDP2) reads only the slice its rank holds."""
     targets = module.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for file_name, name in plan.items():
-            target = targets[name]
-            if hasattr(target, "device_mesh"):
-                local = target.to_local()
-                if local.numel():
-                    files.read_into(local, file_name, local_index(target))
-            else:
-                files.read_into(target, file_name)
+    try:
+        with torch.no_grad():
+            for file_name, name in plan.items():
+                target = targets[name]
+                if hasattr(target, "device_mesh"):
+                    local = target.to_local()
+                    if local.numel():
+                        files.read_into(local, file_name, local_index(target))
+                else:
+                    files.read_into(target, file_name)
+    finally:
+        files.close()  # not one descriptor per shard file held for the rest of the run
 
 
 def local_index(dtensor) -> tuple[slice, ...]:

@@ -3,6 +3,8 @@ state_dict into a model, key matching with clear errors, and writing safetensors
 weights once."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -85,6 +87,12 @@ def test_reads_go_straight_into_a_tensor_where_the_file_holds_its_bytes(saved_ll
             continue
         files.read_into(out, name, index)
         assert torch.equal(out, (full if index is None else full[index]).to(dtype))
+    fds = list(files.fds.values())
+    files.close()  # what a load does when it is done: no descriptor kept for the rest of the run
+    assert fds and not files.fds and not any(os.path.exists(f"/proc/self/fd/{fd}") for fd in fds)
+    out = torch.empty(full.shape)
+    files.read_into(out, name)  # opens again
+    assert torch.equal(out, full)
 
 
 def test_weights_are_cast_to_the_models_dtype(saved_llama):

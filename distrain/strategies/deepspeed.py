@@ -176,20 +176,23 @@ def partition_from_files(module, init, config: dict, device, dtype) -> None:
     largest = max((sum(aligned(nbytes(p)) for p in sub.parameters(recurse=False) if p.is_meta)
                    for sub in module.modules()), default=0)
     scratch = torch.empty(largest, dtype=torch.uint8, device=device)
-    for sub in reversed(list(module.modules())):
-        own = [p for p in sub.parameters(recurse=False) if p.is_meta]  # now: a tied one may be done
-        if not own:
-            continue
-        offset = 0
-        with torch.no_grad():
-            for p in own:
-                view = scratch[offset : offset + nbytes(p)].view(dtype or p.dtype).view(p.shape)
-                real = torch.nn.Parameter(view, requires_grad=p.requires_grad)
-                init.files.read_into(real, sources[id(p)])
-                offset += aligned(nbytes(p))
-                for owner, name in owners[id(p)]:
-                    setattr(owner, name, real)
-        deepspeed.zero.Init(module=sub, config_dict_or_path=config, mem_efficient_linear=False)
+    try:
+        for sub in reversed(list(module.modules())):
+            own = [p for p in sub.parameters(recurse=False) if p.is_meta]  # now: a tied one may be done
+            if not own:
+                continue
+            offset = 0
+            with torch.no_grad():
+                for p in own:
+                    view = scratch[offset : offset + nbytes(p)].view(dtype or p.dtype).view(p.shape)
+                    real = torch.nn.Parameter(view, requires_grad=p.requires_grad)
+                    init.files.read_into(real, sources[id(p)])
+                    offset += aligned(nbytes(p))
+                    for owner, name in owners[id(p)]:
+                        setattr(owner, name, real)
+            deepspeed.zero.Init(module=sub, config_dict_or_path=config, mem_efficient_linear=False)
+    finally:
+        init.files.close()  # not one descriptor per shard file held for the rest of the run
     logging.getLogger("distrain").info("model built on the meta device: each rank keeps its ZeRO-3 partitions only")
 
 
