@@ -22,10 +22,8 @@ on a CPU. Results: a table on stdout, details as JSON and logs under --out.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,185 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-CONFIG = str(ROOT / "configs" / "digits_mlp.yaml")
-BARE = ""  # main() writes a config with no model section here, for the GPT and ResNet runs
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-       "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-DEADLINE = [float("inf")]  # time.monotonic() after which no run starts and running ones are stopped
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-# data and models the runs load by import path ------------------------------------------------
-
-def tokens(n_train: int = 64, n_eval: int = 8, seq_len: int = 1024, vocab_size: int = 50304, seed: int = 0):
-    """Random token windows, already on the GPU when there is one (the LM cases measure the model)."""
-    import torch
-    from torch.utils.data import TensorDataset
-
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(vocab_size, (n_train + n_eval, seq_len + 1), generator=g)
-    t = t.cuda() if torch.cuda.is_available() else t
-    x, y = t[:, :-1], t[:, 1:]
-    meta = {"task": "lm", "vocab_size": vocab_size, "seq_len": seq_len}
-    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:]), meta
-
-
-def images(n_train: int = 4096, n_eval: int = 256, seed: int = 0):
-    """CIFAR-shaped random images and labels on the GPU."""
-    import torch
-    from torch.utils.data import TensorDataset
-
-    g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(n_train + n_eval, 3, 32, 32, generator=g), torch.randint(10, (n_train + n_eval,), generator=g)
-    if torch.cuda.is_available():
-        x, y = x.cuda(), y.cuda()
-    meta = {"task": "classification", "in_shape": (3, 32, 32), "num_classes": 10}
-    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:]), meta
-
-
-# running distrain -----------------------------------------------------------------------------
-
-def launch(args: list, nproc: int, log: Path, timeout: int = 150) -> int:
-    """distrain.train under torchrun (nproc >= 1) or as a plain process (nproc 0); output to `log`."""
-    cmd = [sys.executable, "-m", "distrain.train"] if nproc == 0 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "distrain.train"]
-    timeout = min(timeout, DEADLINE[0] - time.monotonic())
-    with open(log, "a") as f:
-        f.write(" ".join(map(str, cmd + args)) + "\n")
-        if timeout <= 0:
-            f.write("not started: out of time\n")
-            return -1
-        f.flush()
-        try:
-            return subprocess.run(cmd + [str(a) for a in args], stdout=f, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT,
-                                  timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            f.write(f"timed out after {timeout} s\n")
-            return -1
-
-
-def rows(run: Path, split: str = "train") -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == split]
-
-
-def weights(run: Path):
-    import torch
-
-    path = run / "final" / "model.pt"
-    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
-
-
-def max_diff(a: dict, b: dict) -> float:
-    if a is None or b is None or a.keys() != b.keys():
-        return float("inf")
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-
-
-def device_of(log: Path) -> str:
-    """The 'cuda:0/nccl' part of distrain's start-up line."""
-    for line in log.read_text().splitlines():
-        if "distrain:" in line and " process(es), " in line:
-            return line.split(" process(es), ")[1].split(",")[0]
-    return "?"
-
-
-def pool(jobs: dict, workers: int) -> dict:
-    with concurrent.futures.ThreadPoolExecutor(workers) as ex:
-        futures = {name: ex.submit(fn) for name, fn in jobs.items()}
-        return {name: f.result() for name, f in futures.items()}
-
-
-# parts ----------------------------------------------------------------------------------------
-
-STRATEGY_BASE = ["--config", CONFIG, "train.epochs=null", "train.max_steps=25", "train.log_every=5",
-                 "checkpoint.every_steps=0", "optim.name=adamw", "optim.lr=0.01", "sched.warmup_steps=5",
-                 "data.global_batch_size=64", "train.grad_clip=1.0", "model.hidden=[32,32]"]
-STRATEGIES = {
-    "ddp": ["strategy.name=ddp"], "fsdp": ["strategy.name=fsdp"], "dp": ["strategy.name=dp"],
-    "zero1": ["strategy.name=deepspeed", "strategy.zero_stage=1"],
-    "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2"],
-    "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"],
-    "zero2-offload": ["strategy.name=deepspeed", "strategy.zero_stage=2", "strategy.offload=optimizer"],
-    "zero3-offload": ["strategy.name=deepspeed", "strategy.zero_stage=3", "strategy.offload=optimizer+params"],
-    "ddp-accumulation": ["strategy.name=ddp", "data.micro_batch_size=8"],
-}
-TRAINS = {  # these change the arithmetic: they must train, not match fp32 single
-    "single-fp16": ["strategy.name=single", "train.precision=fp16"],
-    "single-bf16-compile": ["strategy.name=single", "train.precision=bf16", "train.compile=true"],
-    "ddp-bf16": ["strategy.name=ddp", "train.precision=bf16"],
-    "ddp-compile": ["strategy.name=ddp", "train.compile=true"],
-    "fsdp-bf16": ["strategy.name=fsdp", "train.precision=bf16"],
-    "zero2-bf16": ["strategy.name=deepspeed", "strategy.zero_stage=2", "train.precision=bf16"],
-    "zero3-fp16": ["strategy.name=deepspeed", "strategy.zero_stage=3", "train.precision=fp16"],
-}
-
-
-def part_strategies(out: Path, small: bool) -> list[dict]:
-    def run(name, extra, nproc):
-        d = out / "strategies" / name
-        d.mkdir(parents=True, exist_ok=True)
-        code = launch([*STRATEGY_BASE, f"run.dir={d / 'run'}", *extra], nproc, d / "log.txt")
-        return code, d
-
-    ref_code, ref_dir = run("single", ["strategy.name=single"], 0)
-    ref = weights(ref_dir / "run")
-    jobs = {n: (lambda n=n, e=e: run(n, e, 1)) for n, e in {**STRATEGIES, **TRAINS}.items()}
-    done = pool(jobs, 8)
-    results = [{"case": "single", "exit": ref_code, "device": device_of(ref_dir / "log.txt"), "ok": ref_code == 0}]
-    for name, (code, d) in done.items():
-        train, ev = rows(d / "run"), rows(d / "run", "eval")
-        r = {"case": name, "exit": code, "device": device_of(d / "log.txt"),
-             "eval_accuracy": ev[-1].get("accuracy") if ev else None}
-        if name in STRATEGIES:
-            r["max_diff_to_single"] = max_diff(weights(d / "run"), ref)
-            r["ok"] = code == 0 and r["max_diff_to_single"] <= 1e-5
-        else:
-            w = weights(d / "run")
-            finite = w is not None and all(bool(v.float().isfinite().all()) for v in w.values())
-            r["loss_first_last"] = [train[0]["loss"], train[-1]["loss"]] if train else None
-            r["ok"] = code == 0 and finite and bool(train) and train[-1]["loss"] < train[0]["loss"]
-        results.append(r)
-    return results
-
-
-RESUME_CASES = {  # name: (nproc, strategy args, kill at this training forward: mid-epoch, mid-accumulation)
-    "single": (0, ["strategy.name=single"], 13 * 4 + 2),
-    "ddp": (1, ["strategy.name=ddp"], 13 * 4 + 1),
-    "fsdp": (1, ["strategy.name=fsdp"], 13 * 4 + 1),
-    "zero2": (1, ["strategy.name=deepspeed", "strategy.zero_stage=2"], 19 * 4),
-}
-
-
-def resume_args(run: Path, strategy: list, **model) -> list:
-    return ["--config", CONFIG, f"run.dir={run}", "model.name=tests.faults:killable_mlp", "model.hidden=[32,32]",
-            "train.epochs=null", "train.max_steps=30", "train.eval_every=10", "checkpoint.every_steps=8",
-            "train.log_every=5", "data.global_batch_size=64", "data.micro_batch_size=16", "data.eval_batch_size=128",
-            "optim.lr=0.01", *strategy, *[f"model.{k}={v}" for k, v in model.items()]]
-
-
-def part_resume(out: Path, small: bool) -> list[dict]:
-    def case(name):
-        nproc, strategy, kill_at = RESUME_CASES[name]
-        d = out / "resume" / name
-        d.mkdir(parents=True, exist_ok=True)
-        ref = launch(resume_args(d / "ref", strategy), nproc, d / "ref.txt")
-        args = resume_args(d / "run", strategy, kill_at=kill_at, marker=d / "killed")
-        first = launch(args, nproc, d / "run.txt")
-        second = launch(args, nproc, d / "run.txt")
-        from bench.common import same_weights
-
-        a, b = weights(d / "ref"), weights(d / "run")
-        same = a is not None and b is not None and same_weights(a, b)
-        killed = first != 0 and bool(list(d.glob("killed.rank*")))
-        resumed = "resumed from" in (d / "run.txt").read_text()
-        return {"case": name, "device": device_of(d / "ref.txt"), "killed": killed, "resumed": resumed,
-                "exit": [ref, first, second], "bitwise_equal": same, "ok": ref == 0 and second == 0 and killed and resumed and same}
-
-    return list(pool({n: (lambda n=n: case(n)) for n in RESUME_CASES}, 4).values())
+from bench.gpu_checks import part_resume, part_strategies  # noqa: E402
+from bench.gpu_common import DEADLINE, ROOT, images, launch, pool, rows  # noqa: E402
 
 
 TINY_GPT = {"n_layer": 2, "n_head": 2, "d_model": 64, "seq_len": 32, "vocab": 512}  # --small
@@ -221,7 +44,7 @@ MEMORY_GPT = {"n_layer": 16, "n_head": 16, "d_model": 1024, "seq_len": 256, "voc
 
 def gpt_args(s: dict, micro: int, n_train: int) -> list:
     """A GPT of shape `s` on random tokens already on the GPU, `micro` sequences per step."""
-    return ["data.name=bench.gpu:tokens", f"data.n_train={n_train}", "data.n_eval=2", f"data.seq_len={s['seq_len']}",
+    return ["data.name=bench.gpu_common:tokens", f"data.n_train={n_train}", "data.n_eval=2", f"data.seq_len={s['seq_len']}",
             f"data.vocab_size={s['vocab']}", "model.name=gpt", f"model.n_layer={s['n_layer']}",
             f"model.n_head={s['n_head']}", f"model.d_model={s['d_model']}", f"data.global_batch_size={micro}",
             "data.eval_batch_size=2", "train.epochs=null", "checkpoint.every_steps=0", "train.grad_clip=1.0",
@@ -323,7 +146,7 @@ def part_overhead(out: Path, small: bool, rounds: int = 5) -> dict:
             return run
 
         with wrapped_train_step(timed), tempfile.TemporaryDirectory() as d:
-            code = main(["--config", BARE, f"run.dir={d}/run", "data.name=bench.gpu:images",
+            code = main(["--config", BARE, f"run.dir={d}/run", "data.name=bench.gpu_common:images",
                          f"data.n_train={batch * 16}", f"data.n_eval={batch}", "model.name=resnet18",
                          "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9", "optim.weight_decay=5e-4",
                          "sched.name=constant", "sched.warmup_steps=0", "train.precision=bf16",
